@@ -1,0 +1,272 @@
+"""Typed schemas for every config group.
+
+YAML presets in ``conf/`` extend these (``defaults: [base_<group>, _self_]``), so a
+misspelt key or a value of the wrong type fails at composition time with OmegaConf's
+message naming the key, before anything is rendered or submitted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """One model family member: published architecture numbers plus family facts."""
+
+    name: str = MISSING
+    family: str = MISSING  # llama, pangu, glm, chatglm, chatglm2, chatglm3, bloom, baichuan2, qwen2, mistral, mixtral
+    # Hugging Face model_type used to build from config (random weights) when it is native
+    # to transformers; remote-code families need `path` pointing at their files.
+    hf_model_type: str = MISSING
+    hf_architecture: str = MISSING
+    trust_remote_code: bool = False
+    path: Optional[str] = None  # local Hugging Face directory or hub name; None = random weights
+    tokenizer: Optional[str] = None  # path/hub name; "demo" = the bundled tiny tokenizer; None = path
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING
+    max_positions: int = MISSING
+    num_params: float = MISSING  # published parameter count, e.g. 6.74e9
+    tie_embeddings: bool = False
+    activation: str = "swiglu"  # swiglu | gelu (a plain two-matrix MLP)
+    position: str = "rope"  # rope | alibi | learned
+    num_experts: int = 0  # MoE experts per layer (0 = dense)
+    experts_top_k: int = 0
+    lora_targets: List[str] = field(default_factory=list)
+    # Format string with {i}: the parameter-name prefix of transformer layer i (for freezing).
+    layer_pattern: str = MISSING
+    supports_ptuning: bool = True
+    prompt_format: str = MISSING  # id in hpcllm.data.prompts
+    special_tokens: Dict[str, str] = field(default_factory=dict)
+    # Extra keyword arguments for the Hugging Face config when building from scratch.
+    hf_config_overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: Optional[List[str]] = None  # None = the model family's lora_targets
+    extra_trainable: List[str] = field(default_factory=list)  # modules_to_save, e.g. lm_head
+
+
+@dataclass
+class FreezeConfig:
+    trainable_layers: int = 4  # the last N transformer layers train
+    # Extra parameter-name regexes that also train (e.g. "lm_head", "norm").
+    extra_trainable: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PtuningConfig:
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = False
+    projection_hidden_size: int = 128
+
+
+@dataclass
+class DpoConfig:
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    label_smoothing: float = 0.0
+    precompute_reference: bool = False
+
+
+@dataclass
+class PpoConfig:
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    ppo_epochs: int = 2
+    rollout_batch_size: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    ptx_coef: float = 0.0
+    critic_lr: float = 5e-6
+    reward_model: Optional[str] = None  # exported reward model dir; None = reward from the toy target
+    target_token: Optional[str] = None  # toy reward: fraction of generated tokens equal to this token
+    actor_zero: Optional[str] = None  # per-model ZeRO profile names; None = the job's zero
+    critic_zero: Optional[str] = None
+    reference_zero: Optional[str] = None
+    reward_zero: Optional[str] = None
+
+
+@dataclass
+class MethodConfig:
+    """A training method: what trains and its hyper-parameters."""
+
+    name: str = MISSING  # pretrain|sft|lora|freeze|ptuning|reward|ppo|dpo|eval
+    stage: str = MISSING  # lm | reward | dpo | ppo | eval: the stage module that runs it
+    adapter: str = "none"  # none | lora | freeze | ptuning
+    data_kind: str = "sft"  # pretrain | sft | preference | prompt: what memmap_gen produces
+    lr: float = 1e-5
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    epochs: int = 1
+    seq_len: int = 512
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # None = micro_batch_size x data-parallel size (no accumulation)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    ptuning: PtuningConfig = field(default_factory=PtuningConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
+
+
+@dataclass
+class HwConfig:
+    """A hardware profile: one node type of a cluster."""
+
+    name: str = MISSING
+    accelerator: str = "cuda"  # cuda | cpu
+    gpu_name: str = MISSING
+    gpus_per_node: int = MISSING  # processes per node on cpu
+    gpu_mem_gb: float = MISSING
+    cpus_per_node: int = MISSING
+    ram_gb_per_node: float = MISSING
+    nodes: int = 1
+    interconnect: str = "ib"  # ib | roce | ethernet | none
+    partition: Optional[str] = None
+    supports_bf16: bool = True
+    peak_tflops_16bit: float = MISSING  # dense fp16/bf16 tensor-core peak per GPU
+    peak_tflops_fp32: float = MISSING
+    mfu: float = 0.4  # assumed model-FLOPs utilisation for time estimates
+    nccl_env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ZeroConfig:
+    name: str = MISSING
+    stage: int = MISSING
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    round_robin_gradients: bool = False
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    stage3_gather_16bit_weights_on_model_save: bool = True
+    pin_memory: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING  # local | slurm
+    time_limit_min: int = 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    mem_gb: Optional[float] = None  # per node; None = hw.ram_gb_per_node minus headroom
+    cpus_per_task: Optional[int] = None  # None = cpus_per_node / gpus_per_node
+    extra_sbatch: Dict[str, str] = field(default_factory=dict)
+    signal_before_min: int = 5  # Slurm sends USR1 this long before the time limit
+    max_requeue: int = 3
+    array_parallelism: int = 16
+    job_name: str = "hpcllm"
+    port_base: int = 20000  # master port = port_base + job_id % 20000
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1  # -1 = epochs x steps per epoch
+    log_every: int = 1
+    eval_every: int = 0  # 0 = no periodic eval
+    eval_batches: int = 8
+    save_every: int = 0  # 0 = only at the end and on stop signals
+    keep_last: int = 2
+    keep_best: bool = True
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # Planned for the estimate and validated; the training loop itself is data-parallel (ZeRO) only.
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    min_free_disk_gb: float = 1.0
+    export: bool = True
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # memmap dir, or jsonl file/dir prepared into the run dir first
+    eval: Optional[str] = None
+    pretrain: Optional[str] = None  # mixed mode: pretraining data trained beside `train`
+    pretrain_ratio: float = 0.0  # fraction of each batch step's samples drawn from `pretrain`
+    mode: str = "pack"  # pack | truncate | split, when preparing jsonl
+    eval_fraction: float = 0.0  # hold out this share of `train` when no `eval` is given
+    dynamic_padding: bool = True
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str = "ceval"  # ceval | mmlu | perplexity
+    data_dir: Optional[str] = None  # None = the bundled sample
+    shots: int = 5
+    split: str = "val"  # ceval: val | test; mmlu: test
+    chat_format: bool = False
+    batch_size: int = 4
+    subjects: Optional[List[str]] = None
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    mode: str = "offline"  # offline | online (online needs WANDB_API_KEY in the environment)
+    project: str = "hpcllm"
+    entity: Optional[str] = None
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = MISSING
+    method: MethodConfig = MISSING
+    hw: HwConfig = MISSING
+    zero: ZeroConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dry_run: bool = False
+    preflight: str = "refuse"  # refuse | warn | off
+    resume: str = "auto"  # auto | never | PATH to a checkpoint
+    seed: int = 1234
+    wait: bool = True  # cluster=slurm: block until the job ends
+    pipeline: Optional[str] = None
+    run_dir: Optional[str] = None  # filled from hydra.run.dir
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "method": MethodConfig,
+    "hw": HwConfig,
+    "zero": ZeroConfig,
+    "cluster": ClusterConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=JobConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"base_{group}", node=schema)
