@@ -1,0 +1,28 @@
+"""The one callable every task runs - local process, srun task or submitit job alike:
+read the run directory's config, join the process group, run the stage's job."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hpcllm import distributed
+from hpcllm.launch.job import load_config
+
+
+def run_task(run_dir: str) -> str:
+    """Run this task's share of the job; returns the stage's status ("completed" or "stopped")."""
+    import torch.multiprocessing
+
+    # file_system sharing avoids "too many open files" from data loader workers on big nodes.
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    cfg = load_config(run_dir)
+    dist = distributed.from_environment(cfg.cluster.port_base)
+    distributed.init(dist, cfg.hw.accelerator)
+    from hpcllm.stages import run_stage
+
+    return run_stage(cfg, Path(run_dir), dist)
+
+
+if __name__ == "__main__":
+    status = run_task(sys.argv[1])
+    sys.exit(0 if status == "completed" else 3)
