@@ -82,3 +82,27 @@ def init(dist: DistEnv, accelerator: str) -> None:
     if accelerator == "cuda":
         torch.cuda.set_device(dist.local_rank)
     deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else "nccl")
+
+
+def _device():
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few Python floats across ranks (on the device the backend needs)."""
+    import torch
+    import torch.distributed as tdist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()

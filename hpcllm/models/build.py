@@ -1,0 +1,59 @@
+"""Build a causal LM from a local path / hub name, or from the preset's numbers with random weights."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from hpcllm.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def hf_config_kwargs(model: DictConfig) -> dict:
+    """The preset's architecture numbers in the names each Hugging Face config class uses."""
+    common = {"vocab_size": model.vocab_size, "tie_word_embeddings": model.tie_embeddings}
+    if model.hf_model_type in ("llama", "qwen2", "mistral", "mixtral"):
+        kwargs = dict(common, hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
+                      num_hidden_layers=model.num_layers, num_attention_heads=model.num_heads,
+                      num_key_value_heads=model.num_kv_heads, max_position_embeddings=model.max_positions)
+        if model.num_experts:
+            kwargs.update(num_local_experts=model.num_experts, num_experts_per_tok=model.experts_top_k)
+        return kwargs
+    if model.hf_model_type == "bloom":
+        if model.intermediate_size != 4 * model.hidden_size:
+            raise ConfigError(f"model={model.name}: BLOOM's MLP is 4 x hidden_size; set model.intermediate_size="
+                              f"{4 * model.hidden_size}")
+        return dict(common, hidden_size=model.hidden_size, n_layer=model.num_layers, n_head=model.num_heads)
+    if model.hf_model_type == "gpt2":
+        return dict(common, n_embd=model.hidden_size, n_layer=model.num_layers, n_head=model.num_heads,
+                    n_positions=model.max_positions, n_inner=model.intermediate_size)
+    raise ConfigError(
+        f"model={model.name} ({model.hf_model_type}) is not built into transformers: "
+        "set model.path to a local directory with its weights and code")
+
+
+def build_model(model: DictConfig, *, precision: str = "fp32", attention: str = "sdpa",
+                seed: int = 1234, tokenizer=None) -> PreTrainedModel:
+    """Load ``model.path`` or build the preset from its numbers (random weights seeded by ``seed``)."""
+    try:
+        return _build(model, DTYPES[precision], attention, seed, tokenizer)
+    except ValueError as err:
+        if attention != "sdpa" or "scaled_dot_product_attention" not in str(err):
+            raise
+        # Some architectures (BLOOM's ALiBi) have no SDPA path in transformers yet.
+        return _build(model, DTYPES[precision], "eager", seed, tokenizer)
+
+
+def _build(model: DictConfig, dtype, attention: str, seed: int, tokenizer) -> PreTrainedModel:
+    if model.path:
+        return AutoModelForCausalLM.from_pretrained(
+            model.path, dtype=dtype, trust_remote_code=model.trust_remote_code, attn_implementation=attention)
+    kwargs = hf_config_kwargs(model)
+    kwargs.update(model.hf_config_overrides or {})
+    if tokenizer is not None:
+        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(model.hf_model_type, **kwargs)
+    torch.manual_seed(seed)  # every rank builds identical weights
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)

@@ -1,0 +1,77 @@
+"""What every stage gives the one training loop: a model, batches and a loss (plus how to export)."""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from hpcllm.config import Derived
+from hpcllm.distributed import DistEnv, barrier
+
+
+@dataclass
+class StageContext:
+    cfg: DictConfig
+    derived: Derived
+    run_dir: Path
+    dist: DistEnv
+    data: dict  # split -> memmap dir or None (see hpcllm.launch.datasets.memmap_paths)
+    tokenizer: object
+
+
+class Stage:
+    """Subclasses set ``self.model`` (the module DeepSpeed wraps) and implement the methods below."""
+
+    model: torch.nn.Module
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+
+    def samples_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def train_batches(self, micro_step: int) -> Iterator[dict]:
+        """This rank's micro batches, starting at the job's ``micro_step``-th micro batch."""
+        raise NotImplementedError
+
+    def eval_batches(self) -> list[dict] | None:
+        return None
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The scalar loss to backpropagate and extra metrics (floats) to average and log."""
+        raise NotImplementedError
+
+    def tokens(self, batch: dict) -> int:
+        """Tokens this batch trains on (for tokens/s and MFU)."""
+        return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+    def eval_summary(self, metrics: dict) -> dict:
+        """Derived eval metrics (e.g. perplexity) from the averaged eval metrics."""
+        return {"eval_ppl": math.exp(min(metrics["eval_loss"], 50.0))} if "eval_loss" in metrics else {}
+
+    def export(self, engine, out_dir: Path) -> None:
+        """Write a Hugging Face directory (gathered weights under ZeRO-3), atomically."""
+        module = engine.module
+        state_dict = engine._zero3_consolidated_16bit_state_dict() if self.ctx.cfg.zero.stage == 3 else None
+        if self.ctx.dist.is_main:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            module.save_pretrained(tmp, state_dict=state_dict if state_dict is not None else module.state_dict())
+            self.save_extras(tmp)
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
+        barrier()
+
+    def save_extras(self, out_dir: Path) -> None:
+        """Tokenizer, resolved config and rendered job beside the weights, so the export reproduces."""
+        if self.ctx.tokenizer is not None:
+            self.ctx.tokenizer.save_pretrained(out_dir)
+        for name in ("config.yaml", "job.sbatch", "ds_config.json"):
+            src = self.ctx.run_dir / name
+            if src.exists():
+                shutil.copy(src, out_dir / f"hpcllm_{name}")

@@ -1,0 +1,109 @@
+"""Language-model stages: continued pretraining and SFT (full, LoRA, freeze, P-tuning), optionally
+mixing pretraining data into SFT with ``data.pretrain_ratio``."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+from hpcllm.config import ConfigError
+from hpcllm.data import MemmapDataset, iter_batches, tokenizer_hash
+from hpcllm.models.adapters import apply_adapter
+from hpcllm.models.build import build_model
+from hpcllm.stages.base import Stage, StageContext
+
+LM_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def build_policy(ctx: StageContext):
+    """The causal LM every stage starts from: weights, gradient checkpointing, adapter."""
+    cfg = ctx.cfg
+    model = build_model(cfg.model, precision=ctx.derived.precision, attention=cfg.train.attention,
+                        seed=cfg.seed, tokenizer=ctx.tokenizer)
+    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(ctx.tokenizer))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return apply_adapter(model, cfg.method, cfg.model)
+
+
+def open_dataset(ctx: StageContext, split: str, kinds: tuple[str, ...]) -> MemmapDataset | None:
+    path = ctx.data.get(split)
+    if path is None:
+        return None
+    ds = MemmapDataset(path, expect_seq_len=ctx.cfg.method.seq_len,
+                       expect_tokenizer_hash=tokenizer_hash(ctx.tokenizer) if ctx.tokenizer is not None else None)
+    if ds.kind not in kinds:
+        raise ConfigError(f"data.{split}={path} holds {ds.kind} data, but method={ctx.cfg.method.name} "
+                          f"trains on {' or '.join(kinds)} data")
+    return ds
+
+
+class MemmapStage(Stage):
+    """A stage whose batches are rows of memmaps, sharded over data-parallel ranks."""
+
+    data_kinds: tuple[str, ...] = ("sft", "pretrain")
+
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
+        self.train_ds = open_dataset(ctx, "train", self.data_kinds)
+        if self.train_ds is None:
+            raise ConfigError("data.train is not set: give a jsonl file/directory or a memmap_gen output")
+        self.eval_ds = open_dataset(ctx, "eval", self.data_kinds)
+
+    @property
+    def rows_per_micro_step(self) -> int:
+        return self.ctx.cfg.method.micro_batch_size * self.ctx.derived.data_parallel_size
+
+    def _iter(self, ds: MemmapDataset, micro_step: int) -> Iterator[dict]:
+        return iter_batches(ds, self.ctx.cfg.method.micro_batch_size, self.ctx.dist.rank,
+                            self.ctx.derived.data_parallel_size, consumed_samples=micro_step * self.rows_per_micro_step,
+                            dynamic_padding=self.ctx.cfg.data.dynamic_padding,
+                            pad_token_id=self.ctx.tokenizer.pad_token_id if self.ctx.tokenizer is not None else 0)
+
+    def samples_per_epoch(self) -> int:
+        return len(self.train_ds)
+
+    def train_batches(self, micro_step: int) -> Iterator[dict]:
+        return self._iter(self.train_ds, micro_step)
+
+    def eval_batches(self) -> list[dict] | None:
+        if self.eval_ds is None:
+            return None
+        count = min(self.ctx.cfg.train.eval_batches, len(self.eval_ds) // self.rows_per_micro_step)
+        batches = self._iter(self.eval_ds, 0)
+        return [next(batches) for _ in range(count)]
+
+
+class LMStage(MemmapStage):
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
+        self.model = build_policy(ctx)
+        ratio = ctx.cfg.data.pretrain_ratio
+        self.pretrain_ds = open_dataset(ctx, "pretrain", ("pretrain",)) if ratio > 0 else None
+        if ratio > 0 and self.pretrain_ds is None:
+            raise ConfigError("data.pretrain_ratio > 0 needs data.pretrain (pretraining text to mix in)")
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"data.pretrain_ratio={ratio} must be in [0, 1)")
+
+    def _is_pretrain_step(self, micro_step: int) -> bool:
+        """Micro steps alternate deterministically so that a resumed run draws the same sources."""
+        ratio = self.ctx.cfg.data.pretrain_ratio
+        return math.floor((micro_step + 1) * ratio) > math.floor(micro_step * ratio)
+
+    def train_batches(self, micro_step: int) -> Iterator[dict]:
+        if self.pretrain_ds is None:
+            yield from self._iter(self.train_ds, micro_step)
+            return
+        pretrain_steps = math.floor(micro_step * self.ctx.cfg.data.pretrain_ratio)
+        sources = {"pretrain": self._iter(self.pretrain_ds, pretrain_steps),
+                   "sft": self._iter(self.train_ds, micro_step - pretrain_steps)}
+        while True:
+            source = "pretrain" if self._is_pretrain_step(micro_step) else "sft"
+            yield {**next(sources[source]), "source": source}
+            micro_step += 1
+
+    def loss(self, engine, batch: dict):
+        out = engine(**{k: batch[k] for k in LM_KEYS})
+        source = batch.get("source")
+        return out.loss, ({f"loss_{source}": out.loss.item()} if source else {})
