@@ -6,7 +6,6 @@ import os
 from typing import Dict, Iterator, Optional
 
 import numpy as np
-import torch
 
 from hpcllm.data.memmap import FORMAT_VERSION
 
@@ -57,7 +56,7 @@ class MemmapDataset:
 
 
 def iter_batches(ds: MemmapDataset, micro_batch_size: int, rank: int, world_size: int, consumed_samples: int = 0,
-                 dynamic_padding: bool = True, pad_token_id: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+                 dynamic_padding: bool = True, pad_token_id: int = 0) -> Iterator[Dict[str, "torch.Tensor"]]:
     """Endless micro-batches for one data-parallel rank.
 
     Micro-step k of the job consumes global rows ``[consumed_samples + k*m*w, + m*w)`` (modulo
@@ -73,6 +72,8 @@ def iter_batches(ds: MemmapDataset, micro_batch_size: int, rank: int, world_size
     if len(ds) < step:
         raise ValueError(f"{ds.path} has {len(ds)} rows, fewer than one step needs (micro batch {micro_batch_size} "
                          f"x {world_size} ranks = {step}): use more data or a smaller method.micro_batch_size")
+    import torch  # here, so that the data tools start without loading torch
+
     left = ds.meta.get("padding_side") == "left"
     start = consumed_samples + rank * micro_batch_size
     while True:
