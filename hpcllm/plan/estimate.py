@@ -113,6 +113,12 @@ def _disk_free(run_dir: Optional[str]) -> Optional[float]:
     return shutil.disk_usage(path).free
 
 
+def memory_breakdown(cfg: DictConfig, derived: Derived, micro_batch: int) -> tuple[dict, dict]:
+    """(bytes per term per GPU, bytes per term per node) at ``micro_batch``."""
+    gpu, cpu, *_ = _memory(cfg, derived, micro_batch)
+    return gpu, cpu
+
+
 def _memory(cfg: DictConfig, derived: Derived, micro_batch: int):
     """(per-GPU breakdown bytes, per-node CPU breakdown bytes, trainable info, notes)."""
     model, method, zero, hw, train = cfg.model, cfg.method, cfg.zero, cfg.hw, cfg.train

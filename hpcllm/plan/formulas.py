@@ -50,6 +50,10 @@ class Arch:
     fused_gate_up: bool  # ChatGLM2/3 fuse gate and up into one (h, 2I) matrix
     experts: int = 0
     top_k: int = 0
+    # Hugging Face GPT-2: dropout 0.1 everywhere by default, and its tanh-GeLU written as Python ops
+    # keeps four I-wide tensors (input, tanh output, 0.5*x and 1+tanh) instead of one.
+    dropout: bool = False
+    gelu_tensors: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +79,7 @@ def arch_of(model) -> Arch:
         qkv_bias=family in ("qwen2", "chatglm2", "chatglm3"), learned_positions=positions,
         embedding_norm=family == "bloom", fused_gate_up=family in ("chatglm2", "chatglm3"),
         experts=model.num_experts or 0, top_k=model.experts_top_k or 0,
+        dropout=model.hf_model_type == "gpt2", gelu_tensors=4 if model.hf_model_type == "gpt2" else 1,
     )
 
 
@@ -276,7 +281,7 @@ def bucket_bytes(trainable: int, *, stage: int, p: int, reduce_bucket: int, pref
 # ---------------------------------------------------------------------------------------------
 
 def layer_activation_bytes_per_token(arch: Arch, seq: int, a: int, *, attention: str = "sdpa",
-                                     dropout: bool = False, softmax_fp32: bool = True,
+                                     dropout: Optional[bool] = None, softmax_fp32: bool = True,
                                      kv_extra: int = 0, lora_inputs: int = 0, lora_r: int = 0,
                                      lora_dropout: bool = False) -> int:
     """Bytes one layer keeps for backward, per token (Korthikanti et al. 2022, section 4.1, term by term).
@@ -290,16 +295,18 @@ def layer_activation_bytes_per_token(arch: Arch, seq: int, a: int, *, attention:
       its cast to the compute dtype; with attention dropout a 1-byte mask and the dropped copy. This is
       Korthikanti's ``5*a*s/h`` term; SDPA/flash keep only a per-row log-sum-exp (``4*heads``);
     - MLP: input ``a*h``; gated ``4*a*I`` (gate output, SiLU output, up output, product); plain
-      ``2*a*I`` (GeLU input and output); MoE: each of the ``top_k`` experts sees a copy of the input
+      ``2*a*I`` (GeLU input and output; ``(1 + gelu_tensors)*a*I`` for GPT-2's Python GeLU); MoE: each of the ``top_k`` experts sees a copy of the input
       and its output is weighted, ``top_k * (MLP + 2*a*h)``, plus fp32 router probabilities ``4*E``;
-    - hidden dropout masks ``2h`` (1 byte each) when ``dropout``;
+    - hidden dropout masks ``2h`` (1 byte each) when ``dropout`` (default: the architecture's);
     - LoRA: per adapted input feature a dropout copy and mask ``(a + 1)`` when LoRA dropout is on,
       and the rank-r intermediate ``a*r`` per adapted matrix.
 
     With ``dropout=True``, ``softmax_fp32=False``, LayerNorm, eager MHA and ``I = 4h`` this is exactly
-    Korthikanti's ``34*h + 5*heads*s`` bytes at a = 2.
+    Korthikanti's ``34*h + 5*heads*s`` bytes at a = 2 (measured against real tensors in
+    ``bench/bench_estimate.py``).
     """
     h, kv, i = arch.hidden, arch.kv_dim, arch.intermediate
+    dropout = arch.dropout if dropout is None else dropout
     norms = 2 * (a * h if arch.layernorm else 4 * h + a * h)
     expand = attention in ("eager", "sdpa") and arch.kv_heads != arch.heads
     qkv_saved = a * h + 2 * a * (h if expand else kv)
@@ -310,7 +317,7 @@ def layer_activation_bytes_per_token(arch: Arch, seq: int, a: int, *, attention:
         attn += arch.heads * s_k * (soft + ((1 + a) if dropout else 0))
     else:
         attn += 4 * arch.heads
-    mlp_one = (4 if arch.gated else 2) * a * i
+    mlp_one = (4 if arch.gated else 1 + arch.gelu_tensors) * a * i
     mlp = a * h + (arch.top_k * (mlp_one + 2 * a * h) + 4 * arch.experts if arch.experts else mlp_one)
     masks = 2 * h if dropout else 0
     lora = lora_inputs * (a + 1 if lora_dropout else 0) + lora_r * a
