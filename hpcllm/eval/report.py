@@ -1,0 +1,132 @@
+"""Accuracy per subject, per category and overall; results.json, results.md, predictions.csv, submission.json.
+
+Two averages are reported everywhere and labelled: over questions (each question counts once, as
+hendrycks/test computes category and overall accuracy) and over subjects (each subject counts once).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from hpcllm.eval.benchmarks import LETTERS, Benchmark
+
+AVERAGES = ("questions", "subjects")
+PREDICTION_FIELDS = ("subject", "category", "id", "answer", "prediction", "correct", "shots", "truncated",
+                     *(f"prob_{letter}" for letter in LETTERS), "question")
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def subject_scores(bench: Benchmark, rows: Iterable[dict]) -> Dict[str, dict]:
+    out: Dict[str, dict] = {}
+    for row in rows:
+        s = out.setdefault(row["subject"], {"category": bench.category(row["subject"]), "questions": 0,
+                                            "answered": 0, "correct": 0})
+        s["questions"] += 1
+        if row["answer"] is not None:
+            s["answered"] += 1
+            s["correct"] += int(row["prediction"] == row["answer"])
+    for s in out.values():
+        s["accuracy"] = s["correct"] / s["answered"] if s["answered"] else None
+    return dict(sorted(out.items()))
+
+
+def group_score(subjects: Dict[str, dict], names: Iterable[str]) -> dict:
+    """Both averages over the given subjects (those with answers); None where none has answers."""
+    chosen = [subjects[n] for n in names if n in subjects]
+    scored = [s for s in chosen if s["accuracy"] is not None]
+    answered = sum(s["answered"] for s in scored)
+    return {
+        "subjects": len(chosen), "questions": sum(s["questions"] for s in chosen),
+        "accuracy_over_questions": sum(s["correct"] for s in scored) / answered if answered else None,
+        "accuracy_over_subjects": _mean([s["accuracy"] for s in scored]),
+    }
+
+
+def summarize(bench: Benchmark, rows: List[dict]) -> dict:
+    """results.json's scores: per subject, per category (and C-Eval's Hard subset), overall."""
+    subjects = subject_scores(bench, rows)
+    categories = {c: group_score(subjects, [s for s in subjects if subjects[s]["category"] == c])
+                  for c in bench.categories}
+    out = {"benchmark": bench.name, "subjects": subjects, "categories": categories}
+    if bench.hard:
+        out["hard"] = group_score(subjects, bench.hard)
+    out["overall"] = group_score(subjects, subjects)
+    out["prompts"] = {"questions": len(rows), "fewer_shots": sum(r["shots"] < r["shots_requested"] for r in rows),
+                      "truncated": sum(bool(r["truncated"]) for r in rows)}
+    out["has_answers"] = any(s["answered"] for s in subjects.values())
+    return out
+
+
+def leaderboard_columns(bench_name: str, categories: Sequence[str]) -> List[str]:
+    return ["Avg"] + (["Avg(Hard)"] if bench_name == "ceval" else []) + list(categories)
+
+
+def leaderboard_row(summary: dict, average: str = "questions") -> List[Optional[float]]:
+    """Accuracies (0..1) in ``leaderboard_columns`` order."""
+    key = f"accuracy_over_{average}"
+    groups = [summary["overall"]] + ([summary["hard"]] if "hard" in summary else []) + list(summary["categories"].values())
+    return [g[key] for g in groups]
+
+
+def pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def results_markdown(summary: dict, meta: dict) -> str:
+    bench, model = summary["benchmark"], meta.get("model", "model")
+    columns = leaderboard_columns(bench, list(summary["categories"]))
+    title = f"# {meta.get('title', bench)} {meta.get('split', '')}, {meta.get('shots', '?')}-shot: {model}\n\n"
+    if not summary["has_answers"]:
+        return (title + f"The {meta.get('split')} split publishes no answers: predictions for the leaderboard are in "
+                "submission.json, every question's in predictions.csv.\n")
+    rows = [[f"{model} (over {a})"] + [pct(v) for v in leaderboard_row(summary, a)] for a in AVERAGES]
+    text = title + "Accuracy (%). *over questions*: each question counts once; *over subjects*: each subject does.\n\n"
+    text += markdown_table(["Model"] + columns, rows) + "\n"
+    subject_rows = [[name, s["category"], str(s["questions"]), pct(s["accuracy"])]
+                    for name, s in summary["subjects"].items()]
+    text += markdown_table(["Subject", "Category", "Questions", "Accuracy"], subject_rows)
+    p = summary["prompts"]
+    text += (f"\n{p['fewer_shots']} of {p['questions']} prompts dropped shots to fit the model's context "
+             f"({meta.get('max_length', '?')} tokens); {p['truncated']} were cut from the left.\n")
+    return text
+
+
+def write_predictions(path: Path, rows: List[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=PREDICTION_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dict(row, correct="" if row["answer"] is None else int(row["prediction"] == row["answer"]),
+                                 answer=row["answer"] or "", truncated=int(row["truncated"]),
+                                 **{f"prob_{l}": f"{p:.6f}" for l, p in zip(LETTERS, row["probs"])}))
+
+
+def submission(rows: List[dict]) -> Dict[str, Dict[str, str]]:
+    """The C-Eval leaderboard's upload format: {subject: {id: letter}}."""
+    out: Dict[str, Dict[str, str]] = {}
+    for row in rows:
+        out.setdefault(row["subject"], {})[row["id"]] = row["prediction"]
+    return out
+
+
+def write_reports(out_dir: Path, summary: dict, rows: List[dict], meta: dict) -> List[Path]:
+    """Write every output file into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    written = [out_dir / "results.json", out_dir / "results.md", out_dir / "predictions.csv"]
+    written[0].write_text(json.dumps(dict(meta, **summary), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written[1].write_text(results_markdown(summary, meta), encoding="utf-8")
+    write_predictions(written[2], rows)
+    if any(r["answer"] is None for r in rows):
+        written.append(out_dir / "submission.json")
+        written[-1].write_text(json.dumps(submission(rows), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return written

@@ -1,0 +1,178 @@
+"""method=eval: multiple-choice benchmarks (C-Eval, MMLU) and perplexity, data-parallel over the job's ranks.
+
+Questions are put into batches the same way whatever the world size (by prompt length, then cut
+into ``eval.batch_size`` groups) and rank r scores batches r, r+W, ...; so every batch holds the
+same prompts with the same padding in a 1- and an N-process run, and the predictions agree exactly.
+Rank 0 gathers the rows and writes the reports.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+from hpcllm.config import ConfigError
+from hpcllm.distributed import DistEnv, all_reduce, barrier
+from hpcllm.eval.benchmarks import LETTERS, get_benchmark, default_data_dir, load_benchmark
+from hpcllm.eval.prompts import Prompter, build_prompt
+from hpcllm.eval.report import summarize, write_reports
+from hpcllm.eval.scoring import choose, letter_logprobs, letter_token_ids
+from hpcllm.stages.base import StageContext
+
+
+def run_eval(ctx: StageContext) -> str:
+    if ctx.cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={ctx.cfg.eval.batch_size} must be at least 1")
+    if ctx.cfg.eval.benchmark == "perplexity":
+        evaluate_perplexity(ctx)
+    else:
+        evaluate_choices(ctx)
+    barrier()
+    return "completed"
+
+
+def load_eval_model(ctx: StageContext) -> torch.nn.Module:
+    """model.path as a Hugging Face directory, or a peft adapter (adapter_config.json) over its base:
+    the base named in the adapter, or the preset's seeded random weights when it names none."""
+    from hpcllm.models.build import build_model
+
+    cfg = ctx.cfg
+    path = cfg.model.path
+    adapter = Path(path) / "adapter_config.json" if path else None
+    model_cfg = cfg.model
+    if adapter is not None and adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path") or None
+        model_cfg = OmegaConf.merge(cfg.model, {"path": base})
+    model = build_model(model_cfg, precision=ctx.derived.precision, attention=cfg.train.attention, seed=cfg.seed,
+                        tokenizer=ctx.tokenizer)
+    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(ctx.tokenizer))
+    if adapter is not None and adapter.is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path)
+    return model.to(device_of(ctx)).eval()
+
+
+def device_of(ctx: StageContext) -> torch.device:
+    if ctx.cfg.hw.accelerator == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", ctx.dist.local_rank)
+    return torch.device("cpu")
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int) -> List[List[int]]:
+    """Question indices, longest prompts first (less padding), cut into batches; independent of the world size."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def gather_to_main(obj, dist: DistEnv) -> list:
+    """Every rank's ``obj`` on rank 0 (a list in rank order); other ranks get []."""
+    import torch.distributed as tdist
+
+    if dist.world_size == 1 or not (tdist.is_available() and tdist.is_initialized()):
+        return [obj]
+    out = [None] * dist.world_size if dist.is_main else None
+    tdist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _progress(items, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch", disable=not enabled)
+
+
+def evaluate_choices(ctx: StageContext) -> None:
+    cfg, ecfg, dist, tok = ctx.cfg, ctx.cfg.eval, ctx.dist, ctx.tokenizer
+    if ecfg.shots < 0:
+        raise ConfigError(f"eval.shots={ecfg.shots}: give 0 (zero-shot) or more")
+    bench = get_benchmark(ecfg.benchmark)
+    data_dir = ecfg.data_dir or str(default_data_dir(bench.name))
+    try:
+        subjects = load_benchmark(bench, data_dir, ecfg.split, list(ecfg.subjects) if ecfg.subjects else None)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from err
+    prompter = Prompter(bench, tok, cfg.model.prompt_format if ecfg.chat_format else None,
+                        OmegaConf.to_container(cfg.model.special_tokens))
+    letter_ids, letter_variant = letter_token_ids(tok, *prompter.answer_context())
+    items = [(sd, q) for sd in subjects for q in sd.questions]
+    full_prompts = [build_prompt(bench, sd.subject, sd.dev[:ecfg.shots], q) for sd, q in items]
+    batches = plan_batches([len(p) for p in full_prompts], ecfg.batch_size)
+    max_len = cfg.model.max_positions
+    model, device = load_eval_model(ctx), device_of(ctx)
+
+    rows, start = [], time.time()
+    desc = f"{bench.title} {ecfg.split} {ecfg.shots}-shot" + (f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else "")
+    for batch in _progress(batches[dist.rank::dist.world_size], dist.is_main, desc):
+        fitted = [prompter.fit(items[i][0].subject, items[i][0].dev, items[i][1], ecfg.shots, max_len) for i in batch]
+        logprobs = letter_logprobs(model, [f.ids for f in fitted], letter_ids, tok.pad_token_id, device)
+        probs = logprobs.softmax(-1).tolist()
+        for i, f, pred, p in zip(batch, fitted, choose(logprobs), probs):
+            sd, q = items[i]
+            rows.append({"index": i, "subject": sd.subject, "category": bench.category(sd.subject), "id": q.id,
+                         "answer": q.answer, "prediction": LETTERS[pred], "shots": f.shots,
+                         "shots_requested": min(ecfg.shots, len(sd.dev)), "truncated": f.truncated,
+                         "prompt_tokens": len(f.ids), "probs": p, "question": q.question})
+    gathered = gather_to_main(rows, dist)
+    if not dist.is_main:
+        return
+    rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    meta = {"title": bench.title, "model": cfg.model.name, "model_path": cfg.model.path, "split": ecfg.split,
+            "shots": ecfg.shots, "data_dir": str(data_dir), "chat_format": cfg.model.prompt_format if ecfg.chat_format else None,
+            "max_length": max_len, "letter_tokens": tok.convert_ids_to_tokens(letter_ids),
+            "letter_variant": letter_variant, "world_size": dist.world_size, "batch_size": ecfg.batch_size,
+            "seconds": round(time.time() - start, 2)}
+    summary = summarize(bench, rows)
+    write_reports(ctx.run_dir, summary, rows, meta)
+    overall = summary["overall"]["accuracy_over_questions"]
+    print(f"[eval] {bench.title} {ecfg.split} {ecfg.shots}-shot: {len(rows)} questions, accuracy "
+          f"{'-' if overall is None else f'{100 * overall:.1f}%'} -> {ctx.run_dir / 'results.md'}", flush=True)
+
+
+def evaluate_perplexity(ctx: StageContext) -> None:
+    """Token-weighted mean NLL of the learned tokens (labels != -100) of a memmap dataset, and its exp."""
+    from hpcllm.data import MemmapDataset
+
+    split = "eval" if ctx.data.get("eval") else "train"
+    path = ctx.data.get(split)
+    if path is None:
+        raise ConfigError("eval.benchmark=perplexity needs data.eval or data.train: a memmap_gen output or jsonl")
+    ds = MemmapDataset(path)
+    if ds.kind not in ("pretrain", "sft"):
+        raise ConfigError(f"data.{split}={path} holds {ds.kind} data; perplexity needs pretrain or sft data")
+    model, device = load_eval_model(ctx), device_of(ctx)
+    bs, n = ctx.cfg.eval.batch_size, len(ds)
+    starts = list(range(0, n, bs))[ctx.dist.rank::ctx.dist.world_size]
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in _progress(starts, ctx.dist.is_main, f"perplexity {split}"):
+            rows = ds.rows(start, min(start + bs, n))
+            mask = torch.from_numpy(rows["attention_mask"].astype("int64"))
+            width = int(mask.sum(-1).max())  # rows are right-padded: drop columns no row uses
+            ids = torch.from_numpy(rows["input_ids"].astype("int64"))[:, :width]
+            labels = torch.from_numpy(rows["labels"].astype("int64"))[:, :width] if "labels" in rows else ids
+            mask = mask[:, :width]
+            labels = labels.masked_fill(mask == 0, -100)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            targets = labels[:, 1:].to(device)
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
+                                                     reduction="sum").item()
+            tokens += int((targets != -100).sum())
+    nll, tokens = all_reduce([nll, float(tokens)])
+    if ctx.dist.is_main:
+        mean = nll / tokens if tokens else float("nan")
+        result = {"benchmark": "perplexity", "model": ctx.cfg.model.name, "model_path": ctx.cfg.model.path,
+                  "data": str(path), "split": split, "rows": n, "tokens": int(tokens), "mean_nll": mean,
+                  "perplexity": math.exp(min(mean, 50.0))}
+        (ctx.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (ctx.run_dir / "results.md").write_text(
+            f"# Perplexity: {ctx.cfg.model.name}\n\n| Data | Tokens | Mean NLL | Perplexity |\n|---|---:|---:|---:|\n"
+            f"| {path} | {int(tokens)} | {mean:.4f} | {result['perplexity']:.2f} |\n")
+        print(f"[eval] perplexity {result['perplexity']:.2f} over {int(tokens)} tokens -> {ctx.run_dir / 'results.json'}",
+              flush=True)
