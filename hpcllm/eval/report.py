@@ -77,8 +77,10 @@ def pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1) -> str:
+    """A Markdown table; columns after the first ``text_columns`` are numbers, aligned right."""
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if i < text_columns else "---:" for i in range(len(header))) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
@@ -94,7 +96,7 @@ def results_markdown(summary: dict, meta: dict) -> str:
     text += markdown_table(["Model"] + columns, rows) + "\n"
     subject_rows = [[name, s["category"], str(s["questions"]), pct(s["accuracy"])]
                     for name, s in summary["subjects"].items()]
-    text += markdown_table(["Subject", "Category", "Questions", "Accuracy"], subject_rows)
+    text += markdown_table(["Subject", "Category", "Questions", "Accuracy"], subject_rows, text_columns=2)
     p = summary["prompts"]
     text += (f"\n{p['fewer_shots']} of {p['questions']} prompts dropped shots to fit the model's context "
              f"({meta.get('max_length', '?')} tokens); {p['truncated']} were cut from the left.\n")
