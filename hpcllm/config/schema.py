@@ -237,6 +237,20 @@ class WandbConfig:
 
 
 @dataclass
+class PipelineStage:
+    name: str = MISSING  # also the stage's run directory: RUN_DIR/<name>
+    # launch.py overrides on top of the command line's; $name = run dir of earlier stage `name`
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    """Stages submitted as Slurm jobs, each starting when the one before completed (afterok)."""
+    name: str = MISSING
+    stages: List[PipelineStage] = field(default_factory=list)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = MISSING
     method: MethodConfig = MISSING
@@ -252,7 +266,7 @@ class JobConfig:
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     seed: int = 1234
     wait: bool = True  # cluster=slurm: block until the job ends
-    pipeline: Optional[str] = None
+    pipeline: Optional[PipelineConfig] = None  # conf/pipeline/<name>.yaml (cluster=slurm)
     run_dir: Optional[str] = None  # filled from hydra.run.dir
 
 
@@ -262,6 +276,7 @@ GROUP_SCHEMAS = {
     "hw": HwConfig,
     "zero": ZeroConfig,
     "cluster": ClusterConfig,
+    "pipeline": PipelineConfig,
 }
 
 
