@@ -167,7 +167,7 @@ def evaluate_perplexity(ctx: StageContext) -> None:
     nll, tokens = all_reduce([nll, float(tokens)])
     if ctx.dist.is_main:
         mean = nll / tokens if tokens else float("nan")
-        result = {"benchmark": "perplexity", "model": ctx.cfg.model.name, "model_path": ctx.cfg.model.path,
+        result = {"benchmark": "perplexity", "title": "Perplexity", "model": ctx.cfg.model.name, "model_path": ctx.cfg.model.path,
                   "data": str(path), "split": split, "rows": n, "tokens": int(tokens), "mean_nll": mean,
                   "perplexity": math.exp(min(mean, 50.0))}
         (ctx.run_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
