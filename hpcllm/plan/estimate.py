@@ -113,14 +113,17 @@ def _disk_free(run_dir: Optional[str]) -> Optional[float]:
     return shutil.disk_usage(path).free
 
 
-def memory_breakdown(cfg: DictConfig, derived: Derived, micro_batch: int) -> tuple[dict, dict]:
+def memory_breakdown(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool = False):
     """(bytes per term per GPU, bytes per term per node) at ``micro_batch``."""
-    gpu, cpu, *_ = _memory(cfg, derived, micro_batch)
+    gpu, cpu, *_ = _memory(cfg, derived, micro_batch, zero_init)
     return gpu, cpu
 
 
-def _memory(cfg: DictConfig, derived: Derived, micro_batch: int):
-    """(per-GPU breakdown bytes, per-node CPU breakdown bytes, trainable info, notes)."""
+def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool = False):
+    """(per-GPU breakdown bytes, per-node CPU breakdown bytes, trainable info, notes).
+
+    ``zero_init``: the model is built under ``deepspeed.zero.Init`` (partitioned as it is created).
+    hpcllm's builder does not do that yet, so ZeRO-3 jobs pay the whole-model load peak."""
     model, method, zero, hw, train = cfg.model, cfg.method, cfg.zero, cfg.hw, cfg.train
     arch = F.arch_of(model)
     mixed = derived.precision in ("fp16", "bf16")
@@ -132,7 +135,7 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int):
     largest = F.largest_module_params(arch)
     common = dict(stage=stage, dp=dp, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes, mixed=mixed,
                   offload_optimizer=zero.offload_optimizer, offload_param=zero.offload_param,
-                  largest_module=largest, load_bytes=p)
+                  largest_module=largest, load_bytes=p, zero_init=zero_init)
 
     # Which models are resident: the trained one, and per stage the extra ones.
     stage_name = method.stage
@@ -205,7 +208,14 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int):
         "buckets": buckets,
         "context": context,
     }
-    gpu["fragmentation"] = int(F.FRAGMENTATION * (act + logits + buckets))
+    gpu["fragmentation"] = F.fragmentation_bytes(sum(v for k, v in gpu.items() if k != "context"))
+    if stage == 3 and not zero_init:
+        # Reported as what the load peak adds above the training peak, so the terms still sum to the peak.
+        load = F.zero3_load_peak_bytes(trained_total + sum(extra_trained) + sum(frozen_totals), p=p) + context
+        gpu["zero3_load"] = max(0, load - sum(gpu.values()))
+        if gpu["zero3_load"]:
+            notes.append("zero3_load: the whole model passes through each GPU before ZeRO-3 partitions it "
+                         "(no deepspeed.zero.Init); this, not training, sets the peak")
 
     cpu = {"model_states": states.cpu}
     if on_cpu:
@@ -220,9 +230,9 @@ def _fits(cfg: DictConfig, gpu: dict, cpu: dict) -> tuple[bool, bool]:
     return sum(gpu.values()) <= cfg.hw.gpu_mem_gb * GIB, sum(cpu.values()) <= cfg.hw.ram_gb_per_node * GIB
 
 
-def _max_micro_batch(cfg: DictConfig, derived: Derived, limit: int = 4096) -> int:
+def _max_micro_batch(cfg: DictConfig, derived: Derived, zero_init: bool, limit: int = 4096) -> int:
     def ok(b):
-        gpu, cpu, *_ = _memory(cfg, derived, b)
+        gpu, cpu, *_ = _memory(cfg, derived, b, zero_init)
         return all(_fits(cfg, gpu, cpu))
 
     if not ok(1):
@@ -275,10 +285,15 @@ def _steps(cfg: DictConfig, derived: Derived, num_samples: Optional[int]) -> Opt
 
 
 def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
-             num_samples: Optional[int] = None, *, with_remedies: bool = True) -> Estimate:
-    """Estimate memory, time and disk for a composed and derived job (see :mod:`hpcllm.plan`)."""
+             num_samples: Optional[int] = None, *, with_remedies: bool = True,
+             zero_init: bool = False) -> Estimate:
+    """Estimate memory, time and disk for a composed and derived job (see :mod:`hpcllm.plan`).
+
+    ``num_samples``: training samples per epoch, for job hours when ``train.max_steps`` is not set.
+    ``zero_init``: predict for a model built under ``deepspeed.zero.Init`` (not hpcllm's builder today).
+    """
     arch = F.arch_of(cfg.model)
-    gpu, cpu, tr, trainable, notes = _memory(cfg, derived, cfg.method.micro_batch_size)
+    gpu, cpu, tr, trainable, notes = _memory(cfg, derived, cfg.method.micro_batch_size, zero_init)
     fits_gpu, fits_cpu = _fits(cfg, gpu, cpu)
     fpt, step_s, tps = _time(cfg, derived, arch, tr, trainable)
     steps = _steps(cfg, derived, num_samples)
@@ -295,14 +310,14 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
         cpu_mem_gb=F.gib(sum(cpu.values())), cpu_capacity_gb=float(cfg.hw.ram_gb_per_node),
         fits_gpu=fits_gpu, fits_cpu=fits_cpu, fits_disk=fits_disk,
         breakdown={k: F.gib(v) for k, v in gpu.items()}, cpu_breakdown={k: F.gib(v) for k, v in cpu.items()},
-        max_micro_batch_size=_max_micro_batch(cfg, derived) if with_remedies else cfg.method.micro_batch_size,
+        max_micro_batch_size=_max_micro_batch(cfg, derived, zero_init) if with_remedies else cfg.method.micro_batch_size,
         total_params=tr.total, trainable_params=trainable, flops_per_token=fpt,
         step_time_s=round(step_s, 4), tokens_per_sec_per_gpu=round(tps, 1), steps=steps,
         job_hours=None if steps is None else round(steps * step_s / 3600, 3),
         checkpoint_gb=F.gib(ckpt), disk_needed_gb=F.gib(needed), disk_free_gb=F.gib(free), notes=notes,
     )
     if with_remedies and not est.fits:
-        est.remedies = remedies(cfg, derived, est)
+        est.remedies = remedies(cfg, derived, est, zero_init)
     return est
 
 
@@ -349,7 +364,7 @@ def _candidate_micro_batch(cfg: DictConfig, derived: Derived, max_mb: int) -> Op
     return None
 
 
-def remedies(cfg: DictConfig, derived: Derived, est: Estimate) -> List[str]:
+def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: bool = False) -> List[str]:
     """Concrete overrides that make the job fit, cheapest first: a smaller micro batch, gradient
     checkpointing, the next ZeRO stage, offload, more nodes. Each single one listed fits by itself;
     when none does, the cheapest combination that fits is listed."""
@@ -381,7 +396,7 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate) -> List[str]:
         c, d = cfg, derived
         for o in overrides:
             c, d = _with(c, d, o)
-        e = estimate(c, d, with_remedies=False)
+        e = estimate(c, d, with_remedies=False, zero_init=zero_init)
         return e.fits_gpu and e.fits_cpu
 
     singles = [c for c in candidates if fits([c])]
@@ -403,5 +418,7 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate) -> List[str]:
             trial = chosen + ([b] if b else [])
             if fits(trial):
                 return steps + [" ".join(trial)]
+    hint = (" (the whole model passes through each GPU before ZeRO-3 partitions it: building it under "
+            "deepspeed.zero.Init would remove that peak)" if est.breakdown.get("zero3_load") else "")
     return steps + ["no combination of micro batch, checkpointing, ZeRO stage, offload and up to "
-                    f"{nodes} nodes fits: choose a smaller model, shorter method.seq_len or larger GPUs"]
+                    f"{nodes} nodes fits: choose a smaller model, shorter method.seq_len or larger GPUs" + hint]

@@ -208,7 +208,7 @@ class ModelStates:
 
 def model_states(total: int, trainable: int, *, stage: int, dp: int, gpus_per_node: int, nodes: int,
                  mixed: bool, offload_optimizer: bool = False, offload_param: bool = False,
-                 largest_module: int = 0, load_bytes: int = 4,
+                 largest_module: int = 0, load_bytes: int = 4, zero_init: bool = True,
                  buffer_factor: float = DEEPSPEED_BUFFER_FACTOR) -> ModelStates:
     """Bytes of parameters, gradients and Adam states under ZeRO ``stage`` over ``dp`` ranks.
 
@@ -227,7 +227,7 @@ def model_states(total: int, trainable: int, *, stage: int, dp: int, gpus_per_no
 
     CPU per node is ``max(model load, offloaded states) * buffer_factor``: every local rank first
     materialises the model (``load_bytes`` per parameter; DeepSpeed assumes 4) unless ZeRO-3 builds it
-    partitioned (then one module per rank), while the offloaded partitions of this node's ranks
+    partitioned under ``zero.Init`` (``zero_init``; then one module per rank), while the offloaded partitions of this node's ranks
     (``16 * T`` or ``18 * T`` with parameter offload, split over ``nodes``) live in pinned memory.
     ``buffer_factor`` is DeepSpeed's ``additional_buffer_factor`` (pinned staging buffers).
     """
@@ -249,7 +249,7 @@ def model_states(total: int, trainable: int, *, stage: int, dp: int, gpus_per_no
     if offload_optimizer:
         offloaded = 16 * trainable + (p * total if offload_param else 0)
         offloaded = offloaded / nodes
-    if stage == 3:
+    if stage == 3 and zero_init:
         load = 4 * largest_module * gpus_per_node if not offload_optimizer else 0
     else:
         load = load_bytes * total * gpus_per_node
@@ -262,6 +262,23 @@ def frozen_model_bytes(total: int, *, p: int, stage: int, dp: int, offload_param
     dtype, partitioned over ``dp`` under ZeRO-3 (DeepSpeed shards inference engines the same way)."""
     if stage == 3:
         return 0 if offload_param else p * total // dp
+    return p * total
+
+
+def fragmentation_bytes(allocated: int) -> int:
+    """What PyTorch's caching allocator reserves beyond what is allocated (block rounding, cached
+    blocks of freed activations that later requests cannot reuse), which ``nvidia-smi`` and OOM
+    errors count: ``FRAGMENTATION`` (10 %) of everything allocated besides the CUDA context. The factor
+    is fitted to the published table in tests/unit/data/published_measurements.json, where without
+    it the estimate runs 5-20 % under the published figures."""
+    return int(FRAGMENTATION * allocated)
+
+
+def zero3_load_peak_bytes(total: int, *, p: int) -> int:
+    """Without ``deepspeed.zero.Init`` every rank builds the whole model and DeepSpeed's engine moves it
+    to the device in the training dtype before ZeRO-3 partitions it (``engine._configure_distributed_model``:
+    ``module.to(device)`` unless the parameters already carry ``ds_id``). The caching allocator keeps
+    that memory reserved, so a ZeRO-3 rank peaks at no less than ``p * total`` bytes."""
     return p * total
 
 
