@@ -49,14 +49,15 @@ class FittedPrompt:
 
 
 def fit_prompt(encode: Callable[[str], List[int]], build: Callable[[int], str], shots: int,
-               max_len: int) -> FittedPrompt:
+               max_len: int, keep_first: int = 0) -> FittedPrompt:
     """The prompt with the most shots (up to ``shots``) that fits ``max_len`` tokens; when even
-    zero shots do not fit, its last ``max_len`` tokens (the question and the answer cue survive)."""
+    zero shots do not fit, its last tokens (the question and the answer cue survive) after its
+    first ``keep_first`` (a bos token)."""
     for k in range(shots, -1, -1):
         ids = encode(build(k))
         if len(ids) <= max_len:
             return FittedPrompt(ids, k, False)
-    return FittedPrompt(ids[-max_len:], 0, True)
+    return FittedPrompt(ids[:keep_first] + ids[len(ids) - (max_len - keep_first):], 0, True)
 
 
 class Prompter:
@@ -74,6 +75,8 @@ class Prompter:
             self.chat = get_format(chat_format)
             self.chat_tokens = self.chat.resolve_tokens(special_tokens, tokenizer)
             self.special_ids = {t: special_id(tokenizer, t, chat_format) for t in self.chat_tokens.values()}
+        bos = tokenizer.bos_token_id
+        self.keep_first = int(bos is not None and self.encode("x")[:1] == [bos])
 
     def _pieces(self, text: str):
         from hpcllm.data.prompts import Chat, Turn
@@ -102,4 +105,5 @@ class Prompter:
     def fit(self, subject: str, dev: Sequence[Question], question: Question, shots: int,
             max_len: int) -> FittedPrompt:
         shots = min(shots, len(dev))
-        return fit_prompt(self.encode, lambda k: build_prompt(self.bench, subject, dev[:k], question), shots, max_len)
+        return fit_prompt(self.encode, lambda k: build_prompt(self.bench, subject, dev[:k], question), shots, max_len,
+                          self.keep_first)

@@ -28,3 +28,21 @@ def test_two_ranks_predict_exactly_what_one_rank_does(tmp_path):
     for key in ("subjects", "categories", "hard", "overall", "prompts"):
         assert results_one[key] == results_two[key]
     assert results_two["world_size"] == 2 and (tmp_path / "two ranks" / "results.md").is_file()
+
+
+@pytest.mark.timeout(180)
+def test_perplexity_weights_every_learned_token_once(tmp_path):
+    import numpy as np
+
+    from hpcllm.data import MemmapDataset
+    from hpcllm.launch.datasets import ensure_memmaps
+
+    job = prepare(compose(["method=eval", "eval.benchmark=perplexity", "hw.gpus_per_node=2", "eval.batch_size=16"]),
+                  tmp_path)
+    paths = ensure_memmaps(job.cfg, job.run_dir)
+    assert run_local(job.run_dir, 2, "cpu") == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    labels = MemmapDataset(paths["train"]).arrays["labels"]
+    assert result["tokens"] == int((np.asarray(labels)[:, 1:] != -100).sum())
+    assert result["perplexity"] == pytest.approx(np.exp(result["mean_nll"]))
+    assert 0 < result["mean_nll"] < 20

@@ -65,6 +65,8 @@ def test_fit_truncates_from_the_left_when_no_shot_fits():
     fitted = fit_prompt(words, build, 3, 12)
     assert (fitted.shots, fitted.truncated) == (0, True)
     assert "".join(map(chr, fitted.ids)) == "HHHquestion?"  # the end (question and answer cue) survives
+    kept = fit_prompt(words, lambda k: "<" + build(k), 3, 12, keep_first=1)
+    assert "".join(map(chr, kept.ids)) == "<HHquestion?"  # a bos token stays first
 
 
 def test_prompter_fits_real_tokens():
@@ -88,4 +90,6 @@ def test_chat_format_wraps_the_whole_prompt_as_one_user_turn():
     assert decoded == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                        + text + "<|im_end|>\n<|im_start|>assistant\n")
     assert p.answer_context() == ("assistant\n", "")
+    assert p.keep_first == 0  # the demo tokenizer adds no bos; ChatML has none
+    assert Prompter(MMLU, tok, "alpaca").keep_first == 1  # alpaca's prefix is the bos token
     assert Prompter(MMLU, tok, "llama2_chat").answer_context() == ("[INST] ? [/INST]", " ")
