@@ -195,9 +195,8 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool
     logits = F.logits_bytes(tokens, arch.vocab, arch.hidden, a) if lm_head else tokens * a * arch.hidden
     buckets = 0
     if stage_name != "eval":
-        buckets = F.bucket_bytes(trainable_for_buckets, stage=stage, p=p,
-                                 reduce_bucket=zero.reduce_bucket_size,
-                                 prefetch_bucket=zero.stage3_prefetch_bucket_size, overlap_comm=zero.overlap_comm)
+        buckets = F.bucket_bytes(trainable_for_buckets, p=p, reduce_bucket=zero.reduce_bucket_size,
+                                 overlap_comm=zero.overlap_comm)
     context = F.CPU_RANK_RUNTIME_BYTES if on_cpu else F.CUDA_CONTEXT_BYTES
     gpu = {
         "parameters": states.parameters + frozen,

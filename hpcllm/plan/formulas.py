@@ -282,15 +282,12 @@ def zero3_load_peak_bytes(total: int, *, p: int) -> int:
     return p * total
 
 
-def bucket_bytes(trainable: int, *, stage: int, p: int, reduce_bucket: int, prefetch_bucket: int,
-                 overlap_comm: bool) -> int:
+def bucket_bytes(trainable: int, *, p: int, reduce_bucket: int, overlap_comm: bool) -> int:
     """Communication buffers from the zero profile: the gradient reduce bucket (``reduce_bucket_size``
     elements in the training dtype, twice with ``overlap_comm`` as DeepSpeed double-buffers it), capped
-    at the trainable parameters it could ever hold; at stage 3 plus the parameter prefetch bucket."""
-    n = min(reduce_bucket, trainable) * p * (2 if overlap_comm else 1)
-    if stage == 3:
-        n += min(prefetch_bucket, trainable) * p
-    return n
+    at the trainable parameters it could ever hold. ZeRO-3's parameter prefetch bucket is part of the
+    gathered working set that :func:`model_states` already counts (``4 * largest_module``)."""
+    return min(reduce_bucket, trainable) * p * (2 if overlap_comm else 1)
 
 
 # ---------------------------------------------------------------------------------------------

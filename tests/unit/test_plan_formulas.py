@@ -7,7 +7,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from hpcllm.config import compose  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from hpcllm.config import PROJECT_ROOT, compose  # noqa: E402
+from hpcllm.config.schema import ModelConfig  # noqa: E402
 from hpcllm.models.build import hf_config_kwargs  # noqa: E402
 from hpcllm.plan import count_params  # noqa: E402
 from hpcllm.plan import formulas as F  # noqa: E402
@@ -19,7 +22,10 @@ BIG = ["baichuan2_7b", "bloom_7b1", "chatglm2_6b", "chatglm3_6b", "glm_10b_chine
 
 
 def _model_cfg(name):
-    return compose([f"model={name}"]).model
+    """The model preset over its schema (what composing model=<name> gives, without a whole job)."""
+    preset = OmegaConf.load(os.path.join(PROJECT_ROOT, "conf", "model", f"{name}.yaml"))
+    preset.pop("defaults")
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), preset)
 
 
 def _hf_model(model_cfg):
