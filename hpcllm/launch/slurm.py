@@ -48,7 +48,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         node = os.environ.get("SLURMD_NODENAME", socket.gethostname())
         print(f"hpcllm: job {env.job_id} rank {env.global_rank}/{env.num_tasks} (local {env.local_rank}) "
-              f"on node {node}, restart {_restarts()}", flush=True)
+              f"on node {node} (restart {_restarts()})", flush=True)
         status = run_task(self.run_dir)
         if status == "completed":
             return status
@@ -154,10 +154,10 @@ def _wait(slurm_jobs: list[submitit.Job]) -> int:
     failed = []
     for slurm_job in slurm_jobs:
         slurm_job.wait()
+        state = _final_state(slurm_job)
         try:
             slurm_job.results()
         except Exception as err:  # submitit re-raises the task's error text, or "no output" when killed
-            state = slurm_job.watcher.get_state(slurm_job.job_id, mode="force")
             failed.append(slurm_job.job_id)
             print(f"hpcllm: job {slurm_job.job_id} ended {state}: {str(err).strip().splitlines()[-1]}\n"
                   f"  log: {slurm_job.paths.stdout}", file=sys.stderr)
@@ -165,6 +165,16 @@ def _wait(slurm_jobs: list[submitit.Job]) -> int:
         if slurm_job.job_id not in failed:
             print(f"hpcllm: job {slurm_job.job_id} completed")
     return 1 if failed else 0
+
+
+def _final_state(slurm_job: submitit.Job, timeout_s: float = 120) -> str:
+    """The tasks have written their results; wait (briefly) for Slurm to end the job too."""
+    deadline = time.time() + timeout_s
+    state = slurm_job.watcher.get_state(slurm_job.job_id, mode="force")
+    while state in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED", "CONFIGURING") and time.time() < deadline:
+        time.sleep(1)
+        state = slurm_job.watcher.get_state(slurm_job.job_id, mode="force")
+    return state
 
 
 # -- sweeps: Hydra calls main once per point; the points are submitted together at the end ----

@@ -1,0 +1,49 @@
+"""Fixtures for tests on the local Slurm cluster (tools/slurm_local.sh start)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True)
+    return out.returncode == 0 and sum(" idle" in line or " mix" in line or " alloc" in line
+                                       for line in out.stdout.splitlines()) >= 2
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cluster_up():
+        return
+    skip = pytest.mark.skip(reason="no local Slurm cluster with 2 nodes: run tools/slurm_local.sh start")
+    for item in items:
+        if "slurm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def jobs_db(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jobsdb") / "jobs.jsonl"
+
+
+@pytest.fixture(scope="session")
+def launch(jobs_db):
+    """launch(*overrides, multirun=False) -> CompletedProcess of `python launch.py ...`."""
+
+    def run(*overrides: str, multirun: bool = False, check: bool = False, tool: str = "launch.py"):
+        env = dict(os.environ, HPCLLM_JOBS_DB=str(jobs_db), HYDRA_FULL_ERROR="1")
+        cmd = [sys.executable, str(ROOT / tool), *(["-m"] if multirun else []), *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+
+    return run
