@@ -216,12 +216,13 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool
             notes.append("zero3_load: the whole model passes through each GPU before ZeRO-3 partitions it "
                          "(no deepspeed.zero.Init); this, not training, sets the peak")
 
-    cpu = {"model_states": states.cpu}
     if on_cpu:
-        # The ranks are CPU processes: their whole footprint is this node's RAM.
-        cpu["ranks"] = hw.gpus_per_node * sum(gpu.values())
+        # The ranks are CPU processes: their whole footprint, the model they build included, is this
+        # node's RAM; offloaded states come on top.
+        cpu = {"ranks": hw.gpus_per_node * sum(gpu.values()),
+               "model_states": states.cpu if zero.offload_optimizer else 0}
     else:
-        cpu["runtime"] = hw.gpus_per_node * F.GPU_RANK_HOST_RUNTIME_BYTES
+        cpu = {"model_states": states.cpu, "runtime": hw.gpus_per_node * F.GPU_RANK_HOST_RUNTIME_BYTES}
     return gpu, cpu, tr, trained_trainable, notes
 
 
@@ -413,10 +414,14 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: bool =
         if c.startswith("hw.nodes=") and any(x.startswith("hw.nodes=") for x in chosen):
             chosen = [x for x in chosen if not x.startswith("hw.nodes=")]
         chosen.append(c)
-        for b in (["method.micro_batch_size=1"] if cfg.method.micro_batch_size > 1 else []) + [None]:
-            trial = chosen + ([b] if b else [])
-            if fits(trial):
-                return steps + [" ".join(trial)]
+        if fits(chosen):
+            return steps + [" ".join(chosen)]
+        c2, d2 = cfg, derived
+        for o in chosen:
+            c2, d2 = _with(c2, d2, o)
+        mb = _candidate_micro_batch(c2, d2, _max_micro_batch(c2, d2, zero_init))
+        if mb:
+            return steps + [" ".join(chosen + [f"method.micro_batch_size={mb}"])]
     hint = (" (the whole model passes through each GPU before ZeRO-3 partitions it: building it under "
             "deepspeed.zero.Init would remove that peak)" if est.breakdown.get("zero3_load") else "")
     return steps + ["no combination of micro batch, checkpointing, ZeRO stage, offload and up to "

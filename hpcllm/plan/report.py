@@ -64,7 +64,6 @@ def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[
         return None
     est = estimate(cfg, derived, run_dir=str(run_dir), num_samples=num_samples)
     table = format_table(cfg, est)
-    print(table, flush=True)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "estimate.json"), "w") as f:
         json.dump(est.to_dict(), f, indent=2)
@@ -72,4 +71,5 @@ def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[
         raise PreflightRefused(
             f"pre-flight: this job is predicted not to fit, so it was not submitted.\n{table}\n"
             "Apply one of the remedies above, or set preflight=warn to run anyway.")
+    print(table, flush=True)
     return est
