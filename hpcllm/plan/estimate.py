@@ -271,7 +271,8 @@ def _time(cfg: DictConfig, derived: Derived, arch: F.Arch, tr: _Trainable, train
     step = fpt * tokens_per_gpu_step / model_parallel / (peak * hw.mfu)
     if zero.offload_optimizer and method.stage != "eval":
         # Gradients go to the CPU and updated 16-bit parameters come back over PCIe once per step.
-        step += (4 + (2 if derived.precision != "fp32" else 4)) * trainable / derived.data_parallel_size / F.PCIE_BYTES_PER_S
+        moved = (4 + (2 if derived.precision != "fp32" else 4)) * trainable / derived.data_parallel_size
+        step += moved / F.PCIE_BYTES_PER_S
     tokens_per_s = tokens_per_gpu_step / model_parallel / step if step > 0 else 0.0
     return fpt, step, tokens_per_s
 
@@ -310,7 +311,8 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
         cpu_mem_gb=F.gib(sum(cpu.values())), cpu_capacity_gb=float(cfg.hw.ram_gb_per_node),
         fits_gpu=fits_gpu, fits_cpu=fits_cpu, fits_disk=fits_disk,
         breakdown={k: F.gib(v) for k, v in gpu.items()}, cpu_breakdown={k: F.gib(v) for k, v in cpu.items()},
-        max_micro_batch_size=_max_micro_batch(cfg, derived, zero_init) if with_remedies else cfg.method.micro_batch_size,
+        max_micro_batch_size=(_max_micro_batch(cfg, derived, zero_init) if with_remedies
+                              else cfg.method.micro_batch_size),
         total_params=tr.total, trainable_params=trainable, flops_per_token=fpt,
         step_time_s=round(step_s, 4), tokens_per_sec_per_gpu=round(tps, 1), steps=steps,
         job_hours=None if steps is None else round(steps * step_s / 3600, 3),

@@ -227,8 +227,9 @@ def model_states(total: int, trainable: int, *, stage: int, dp: int, gpus_per_no
 
     CPU per node is ``max(model load, offloaded states) * buffer_factor``: every local rank first
     materialises the model (``load_bytes`` per parameter; DeepSpeed assumes 4) unless ZeRO-3 builds it
-    partitioned under ``zero.Init`` (``zero_init``; then one module per rank), while the offloaded partitions of this node's ranks
-    (``16 * T`` or ``18 * T`` with parameter offload, split over ``nodes``) live in pinned memory.
+    partitioned under ``zero.Init`` (``zero_init``; then one module per rank), while the offloaded
+    partitions of this node's ranks (``16 * T`` or ``18 * T`` with parameter offload, split over
+    ``nodes``) live in pinned memory.
     ``buffer_factor`` is DeepSpeed's ``additional_buffer_factor`` (pinned staging buffers).
     """
     p = 2 if mixed else 4
@@ -309,7 +310,8 @@ def layer_activation_bytes_per_token(arch: Arch, seq: int, a: int, *, attention:
       its cast to the compute dtype; with attention dropout a 1-byte mask and the dropped copy. This is
       Korthikanti's ``5*a*s/h`` term; SDPA/flash keep only a per-row log-sum-exp (``4*heads``);
     - MLP: input ``a*h``; gated ``4*a*I`` (gate output, SiLU output, up output, product); plain
-      ``2*a*I`` (GeLU input and output; ``(1 + gelu_tensors)*a*I`` for GPT-2's Python GeLU); MoE: each of the ``top_k`` experts sees a copy of the input
+      ``2*a*I`` (GeLU input and output; ``(1 + gelu_tensors)*a*I`` for GPT-2's Python GeLU);
+      MoE: each of the ``top_k`` experts sees a copy of the input
       and its output is weighted, ``top_k * (MLP + 2*a*h)``, plus fp32 router probabilities ``4*E``;
     - hidden dropout masks ``2h`` (1 byte each) when ``dropout`` (default: the architecture's);
     - LoRA: per adapted input feature a dropout copy and mask ``(a + 1)`` when LoRA dropout is on,
