@@ -55,8 +55,9 @@ class Encoder:
     def encode_texts(self, texts: List[str], add_special_tokens: bool = False) -> List[List[int]]:
         if not texts:
             return []
-        if self.backend is not None:  # the Rust tokenizer directly: no per-call Python overhead
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if self.backend is not None:  # the Rust tokenizer directly; the fast variant skips the offsets
+            encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
         return [self.tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
 
     def encode_pieces(self, renders: List[List[Piece]]) -> List[Tuple[np.ndarray, np.ndarray]]:
@@ -78,7 +79,7 @@ class Encoder:
         """Pretraining text: the tokenizer's own bos handling, and eos between documents."""
         out = []
         for ids in self.encode_texts(texts, add_special_tokens=True):
-            if not ids or ids[-1] != self.eos_id:
+            if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
                 ids = ids + [self.eos_id]
             out.append(np.asarray(ids, np.int32))
         return out

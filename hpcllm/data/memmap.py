@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -34,7 +35,10 @@ from hpcllm.data.records import RecordError, parse_line
 from hpcllm.data.tokenizer import load_tokenizer, tokenizer_hash
 
 FORMAT_VERSION = 1
-CHUNK_RECORDS = 256
+# Work is handed to the workers in chunks this big: small enough to balance the load, big
+# enough that sending them costs little next to tokenizing them.
+CHUNK_CHARS = 256 << 10
+CHUNK_RECORDS = 2048
 SHARD_BYTES = 32 << 20  # rows of one shard are held in memory once, when it is shuffled
 MAX_SHARDS = 1000  # open files; corpora beyond ~5 GB of text get proportionally larger shards
 CONF_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf", "model")
@@ -161,6 +165,8 @@ def _worker_init(encoder_args):
     global _WORKER_ENCODER
     # One process per core already: the Rust tokenizer's own thread pool would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C is the parent's to handle: it stops the pool and removes the unfinished output.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_ENCODER = _make_encoder(*encoder_args)
 
 
@@ -169,13 +175,14 @@ def _worker_process(lines):
 
 
 def _chunks(files) -> Iterator[List[Tuple[int, int, str]]]:
-    chunk = []
+    chunk, size = [], 0
     for file_idx, path in enumerate(files):
         for lineno, line in read_lines(path):
             chunk.append((file_idx, lineno, line))
-            if len(chunk) >= CHUNK_RECORDS:
+            size += len(line)
+            if size >= CHUNK_CHARS or len(chunk) >= CHUNK_RECORDS:
                 yield chunk
-                chunk = []
+                chunk, size = [], 0
     if chunk:
         yield chunk
 
