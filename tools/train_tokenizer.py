@@ -40,6 +40,8 @@ class TrainTokenizerConfig:
 def texts(spec: str):
     for path in find_inputs(spec, suffixes=(".txt", ".jsonl", ".jsonl.zst", ".json")):
         for _, line in read_lines(path):
+            if isinstance(line, bytes):
+                continue  # not UTF-8
             if path.endswith(".txt"):
                 yield line.strip()
             else:

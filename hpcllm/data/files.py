@@ -5,7 +5,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Tuple, Union
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".json")
 
@@ -27,18 +27,17 @@ def find_inputs(spec: str, suffixes=SUFFIXES) -> List[str]:
     return out
 
 
-def read_lines(path: str) -> Iterator[Tuple[int, str]]:
-    """(line number, line) with constant memory; a ``.json`` file holding one array is read whole
-    and numbered by element."""
+def read_lines(path: str) -> Iterator[Tuple[int, Union[str, bytes]]]:
+    """(line number, line) with constant memory; a line that is not UTF-8 comes as ``bytes``
+    (the parser reports it). A ``.json`` file holding one array is read whole, numbered by element."""
     if path.endswith(".zst"):
         import zstandard
 
         with open(path, "rb") as raw:
-            text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
-            yield from _numbered(text)
+            yield from _numbered(io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)))
         return
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json") and f.read(1) == "[":
+    with open(path, "rb") as f:
+        if path.endswith(".json") and f.read(1) == b"[":
             f.seek(0)
             for i, obj in enumerate(json.load(f), 1):
                 yield i, json.dumps(obj, ensure_ascii=False)
@@ -47,10 +46,13 @@ def read_lines(path: str) -> Iterator[Tuple[int, str]]:
         yield from _numbered(f)
 
 
-def _numbered(lines) -> Iterator[Tuple[int, str]]:
+def _numbered(lines) -> Iterator[Tuple[int, Union[str, bytes]]]:
     for i, line in enumerate(lines, 1):
         if line.strip():
-            yield i, line
+            try:
+                yield i, line.decode("utf-8")
+            except UnicodeDecodeError:
+                yield i, line
 
 
 def file_digest(path: str) -> str:

@@ -53,7 +53,9 @@ USER_ROLES = {"ask", "user", "human", "question"}
 ANSWER_ROLES = {"ans", "assistant", "gpt", "answer"}
 
 
-def parse_line(line: str) -> Record:
+def parse_line(line: Union[str, bytes]) -> Record:
+    if isinstance(line, bytes):
+        raise RecordError("invalid_utf8", "not UTF-8 text")
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:

@@ -1,8 +1,10 @@
 """The memmap writer: formats and kinds end to end, packing, shuffling, bad input, atomic output."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -185,6 +187,12 @@ def test_bad_input_fails_naming_file_and_line(tmp):
     assert not os.path.exists(tmp / "out") and os.listdir(tmp) == ["bad.jsonl"]
 
 
+def test_a_line_that_is_not_utf8_is_named(tmp):
+    (tmp / "latin1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \[invalid_utf8\]"):
+        prepare(tmp / "latin1.jsonl", tmp / "out")
+
+
 def test_on_error_skip_counts_by_reason(tmp, capsys):
     meta = prepare(write_jsonl(tmp / "bad.jsonl", BAD), tmp / "out", on_error="skip")
     assert meta["num_samples"] == 1 and meta["num_records"] == 6 and meta["num_records_used"] == 1
@@ -247,3 +255,19 @@ def test_cli(tmp):
     assert meta["prompt_format"] == "chatglm2" and meta["seed"] == 7 and meta["special_tokens"]["sop"] == "sop"
     r = run("inptu=x", "output=y", "seq_len=8")
     assert r.returncode == 2 and "valid keys: input, output" in r.stderr
+
+
+def test_ctrl_c_stops_the_workers_and_removes_the_unfinished_output(tmp):
+    inp = write_jsonl(tmp / "big.jsonl", [{"text": f"document {i} " + "some words here " * 200} for i in range(6000)])
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from hpcllm.data import prepare_memmap\n"
+            f"prepare_memmap({inp!r}, {str(tmp / 'out')!r}, 'demo', 256, num_workers=2, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(n.startswith("out.tmp-") for n in os.listdir(tmp)) and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # into the tokenizing
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert sorted(os.listdir(tmp)) == ["big.jsonl"]
