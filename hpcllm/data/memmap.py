@@ -53,14 +53,16 @@ def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
     a preset-like dict, or None (no prompt format: pretraining text only)."""
     if model_preset is None:
         return {"name": None, "prompt_format": None, "special_tokens": {}, "tokenizer": None}
-    if isinstance(model_preset, str):
-        from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
+    if isinstance(model_preset, str):
         path = os.path.join(CONF_MODEL_DIR, f"{model_preset}.yaml")
         if not os.path.isfile(path):
             names = sorted(f[:-5] for f in os.listdir(CONF_MODEL_DIR) if f.endswith(".yaml"))
             raise ValueError(f"unknown model preset {model_preset!r}; valid: {', '.join(names)}")
-        model_preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        model_preset = OmegaConf.load(path)
+    if isinstance(model_preset, DictConfig):  # a preset file or a composed job's cfg.model
+        model_preset = OmegaConf.to_container(model_preset, resolve=True)
     preset = dict(model_preset)
     get_format(preset["prompt_format"])  # fail early on an unknown id
     return {"name": preset.get("name"), "prompt_format": preset["prompt_format"],

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, Optional
 
 import numpy as np
 
 from hpcllm.data.memmap import FORMAT_VERSION
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MemmapDataset:
@@ -56,7 +59,7 @@ class MemmapDataset:
 
 
 def iter_batches(ds: MemmapDataset, micro_batch_size: int, rank: int, world_size: int, consumed_samples: int = 0,
-                 dynamic_padding: bool = True, pad_token_id: int = 0) -> Iterator[Dict[str, "torch.Tensor"]]:
+                 dynamic_padding: bool = True, pad_token_id: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
     """Endless micro-batches for one data-parallel rank.
 
     Micro-step k of the job consumes global rows ``[consumed_samples + k*m*w, + m*w)`` (modulo

@@ -271,3 +271,14 @@ def test_ctrl_c_stops_the_workers_and_removes_the_unfinished_output(tmp):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert sorted(os.listdir(tmp)) == ["big.jsonl"]
+
+
+def test_sft_split_keeps_windows_that_hold_answers(tmp, tok):
+    rounds = [r for i in range(8) for r in (["ask", f"question {i} " + "filler " * 10], ["ans", f"answer {i}"])]
+    meta = prepare(write_jsonl(tmp / "c.jsonl", [{"type": "conversation", "rounds": rounds}]), tmp / "out",
+                   mode="split", seq_len=32, kind="sft")
+    ds = MemmapDataset(str(tmp / "out"))
+    learned = [int(t) for i in range(len(ds)) for t, l in zip(ds[i]["input_ids"], ds[i]["labels"]) if l != IGNORE]
+    assert all((ds[i]["labels"] != IGNORE).any() for i in range(len(ds)))
+    assert sorted(tok.decode(learned).split("<|im_end|>")[:-1]) == sorted(f"answer {i}" for i in range(8))
+    assert meta["truncated_samples"] == 0

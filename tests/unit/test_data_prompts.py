@@ -145,3 +145,14 @@ def test_pieces_merge_only_alike_neighbours():
     pieces = fmt.render(Chat([Turn("user", "Q"), Turn("assistant", [("A", True)])]), {"eos": "</s>"})
     assert pieces == [Piece("Human: Q\n\nAssistant: ", False), Piece("A", True), Piece("</s>", True, True), Piece("\n\n", False)]
     assert np.all([isinstance(p, Piece) for p in pieces])
+
+
+def test_model_presets_resolve_by_name_dict_or_composed_config():
+    from hpcllm.config import compose
+    from hpcllm.data import load_model_preset
+
+    assert load_model_preset("tiny_llama")["prompt_format"] == "alpaca"
+    assert load_model_preset(compose(["model=tiny_qwen2"]).model)["prompt_format"] == "chatml"
+    assert load_model_preset({"prompt_format": "pangu", "special_tokens": {"eot": "<eod>"}})["special_tokens"] == {"eot": "<eod>"}
+    with pytest.raises(ValueError, match="unknown model preset 'nope'; valid: .*tiny_llama"):
+        load_model_preset("nope")
