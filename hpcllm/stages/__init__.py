@@ -1,6 +1,7 @@
 """Stages: what differs between pretrain/SFT, reward, DPO, PPO and eval."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -8,13 +9,20 @@ from omegaconf import DictConfig
 from hpcllm.config import derive
 from hpcllm.distributed import DistEnv
 
+# method.stage -> "module:Class" of the stage the training loop runs.
+STAGES = {
+    "lm": "hpcllm.stages.lm:LMStage",
+    "reward": "hpcllm.stages.reward:RewardStage",
+    "dpo": "hpcllm.stages.dpo:DPOStage",
+    "ppo": "hpcllm.stages.ppo:PPOStage",
+}
+
 
 def _stage_class(name: str):
-    if name == "lm":
-        from hpcllm.stages.lm import LMStage
-
-        return LMStage
-    raise ValueError(f"method.stage={name!r} has no training stage")
+    if name not in STAGES:
+        raise ValueError(f"method.stage={name!r} has no training stage (known: {', '.join(STAGES)})")
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def run_stage(cfg: DictConfig, run_dir: Path, dist: DistEnv) -> str:

@@ -32,6 +32,14 @@ class Stage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
 
+    def bind(self, engine) -> None:
+        """Called once the DeepSpeed engine exists (stages that generate with it keep it)."""
+        self.engine = engine
+
+    def trainable_parameters(self) -> list:
+        """Parameters (or param-group dicts with their own lr) the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def samples_per_epoch(self) -> int:
         raise NotImplementedError
 

@@ -31,10 +31,10 @@ class Trainer:
         self.accum = ctx.derived.grad_accum_steps
         self.max_steps = self._max_steps()
         ds_config = json.loads((ctx.run_dir / "ds_config.json").read_text())
-        trainable = [p for p in stage.model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
-            model=stage.model, model_parameters=trainable, config=ds_config,
+            model=stage.model, model_parameters=stage.trainable_parameters(), config=ds_config,
             lr_scheduler=lr_scheduler_factory(cfg.method, self.max_steps))
+        stage.bind(self.engine)
         self.checkpointer = Checkpointer(ctx.run_dir / "checkpoints", ctx.dist.rank, cfg.train.keep_last,
                                          cfg.train.keep_best, cfg.train.min_free_disk_gb)
         self.metrics = MetricsLogger(cfg, ctx.run_dir, ctx.dist.is_main)
