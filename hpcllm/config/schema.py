@@ -198,6 +198,10 @@ class TrainConfig:
     keep_best: bool = True
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     gradient_checkpointing: bool = False
+    # ZeRO-3: build the model under deepspeed.zero.Init, partitioned as it is created, so no rank
+    # ever holds the whole model. Random weights then come from rank 0's init (not the same values
+    # as an unpartitioned build with the same seed).
+    zero_init: bool = True
     attention: str = "sdpa"  # sdpa | eager | flash_attention_2
     # Planned for the estimate and validated; the training loop itself is data-parallel (ZeRO) only.
     tensor_parallel: int = 1

@@ -1,14 +1,39 @@
 """Run a prepared job with the backend its cluster config names."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from hpcllm.launch.datasets import memmap_paths
 from hpcllm.launch.job import PreparedJob
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _num_samples(job: PreparedJob) -> int | None:
+    """Training rows per epoch, when the job's training memmap exists already."""
+    train = memmap_paths(job.cfg, job.run_dir)["train"]
+    meta = Path(train) / "meta.json" if train else None
+    return json.loads(meta.read_text())["num_samples"] if meta and meta.is_file() else None
+
+
 def plan(job: PreparedJob) -> None:
-    """Pre-flight estimate (prints a table, writes estimate.json; refuses a job that will not fit)."""
+    """Pre-flight estimate (prints a table, writes estimate.json; refuses a job that will not fit).
+
+    A sweep prints one capacity line per point instead of a table each."""
     from hpcllm import plan as planner
 
-    planner.preflight(job.cfg, job.derived, job.run_dir)
+    if job.cfg.method.stage == "eval":
+        return  # inference only: the training estimate does not apply
+    sweep = in_multirun()
+    est = planner.preflight(job.cfg, job.derived, job.run_dir, num_samples=_num_samples(job), show=not sweep)
+    if sweep and est is not None:
+        print(f"{HydraConfig.get().job.num:>3}  {planner.capacity_line(job.cfg, est)}", flush=True)
 
 
 def show(job: PreparedJob) -> None:

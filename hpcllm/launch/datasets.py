@@ -33,6 +33,8 @@ def ensure_memmaps(cfg: DictConfig, run_dir: Path) -> dict:
     from hpcllm.data import prepare_memmap
 
     paths = memmap_paths(cfg, run_dir)
+    if cfg.method.stage == "eval" and cfg.eval.benchmark != "perplexity":
+        return paths  # multiple-choice benchmarks read their own files
     for split in ("train", "eval", "pretrain"):
         source = cfg.data[split]
         if source is None or _is_memmap(source) or _is_memmap(paths[split]):

@@ -1,6 +1,10 @@
 """Build a causal LM from a local path / hub name, or from the preset's numbers with random weights."""
 from __future__ import annotations
 
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -57,3 +61,39 @@ def _build(model: DictConfig, dtype, attention: str, seed: int, tokenizer) -> Pr
     config = AutoConfig.for_model(model.hf_model_type, **kwargs)
     torch.manual_seed(seed)  # every rank builds identical weights
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+
+
+def base_model_dir(run_dir) -> Path:
+    return Path(run_dir) / "base_model"
+
+
+def save_base_model(model: PreTrainedModel, ctx) -> None:
+    """Save the (random-weight) base of an adapter run into run_dir/base_model, once.
+
+    Collective under ZeRO-3 (every rank gathers the partitions), rank 0 writes atomically."""
+    import deepspeed
+
+    from hpcllm.distributed import barrier
+
+    out = base_model_dir(ctx.run_dir)
+    if out.is_dir():
+        return
+    params = list(model.parameters())
+    zero3 = any(hasattr(p, "ds_id") for p in params)
+    with deepspeed.zero.GatheredParameters(params) if zero3 else nullcontext():
+        if ctx.dist.is_main:
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            if ctx.tokenizer is not None:
+                ctx.tokenizer.save_pretrained(tmp)
+            tmp.rename(out)
+    barrier()
+
+
+def zero3_init_context(ds_config: dict):
+    """Keep the returned object alive while building: transformers then creates the model under
+    deepspeed.zero.Init (and gathers ZeRO-3 weights where it needs them, e.g. in generate)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)

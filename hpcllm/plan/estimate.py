@@ -113,17 +113,19 @@ def _disk_free(run_dir: Optional[str]) -> Optional[float]:
     return shutil.disk_usage(path).free
 
 
-def memory_breakdown(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool = False):
+def memory_breakdown(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Optional[bool] = None):
     """(bytes per term per GPU, bytes per term per node) at ``micro_batch``."""
     gpu, cpu, *_ = _memory(cfg, derived, micro_batch, zero_init)
     return gpu, cpu
 
 
-def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool = False):
+def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Optional[bool] = None):
     """(per-GPU breakdown bytes, per-node CPU breakdown bytes, trainable info, notes).
 
-    ``zero_init``: the model is built under ``deepspeed.zero.Init`` (partitioned as it is created).
-    hpcllm's builder does not do that yet, so ZeRO-3 jobs pay the whole-model load peak."""
+    ``zero_init``: the model is built under ``deepspeed.zero.Init`` (partitioned as it is created);
+    None = ``train.zero_init``. Without it ZeRO-3 jobs pay the whole-model load peak."""
+    if zero_init is None:
+        zero_init = cfg.train.zero_init
     model, method, zero, hw, train = cfg.model, cfg.method, cfg.zero, cfg.hw, cfg.train
     arch = F.arch_of(model)
     mixed = derived.precision in ("fp16", "bf16")
@@ -214,7 +216,7 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: bool
         gpu["zero3_load"] = max(0, load - sum(gpu.values()))
         if gpu["zero3_load"]:
             notes.append("zero3_load: the whole model passes through each GPU before ZeRO-3 partitions it "
-                         "(no deepspeed.zero.Init); this, not training, sets the peak")
+                         "(train.zero_init=false); this, not training, sets the peak")
 
     if on_cpu:
         # The ranks are CPU processes: their whole footprint, the model they build included, is this
@@ -287,12 +289,14 @@ def _steps(cfg: DictConfig, derived: Derived, num_samples: Optional[int]) -> Opt
 
 def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
              num_samples: Optional[int] = None, *, with_remedies: bool = True,
-             zero_init: bool = False) -> Estimate:
+             zero_init: Optional[bool] = None) -> Estimate:
     """Estimate memory, time and disk for a composed and derived job (see :mod:`hpcllm.plan`).
 
     ``num_samples``: training samples per epoch, for job hours when ``train.max_steps`` is not set.
-    ``zero_init``: predict for a model built under ``deepspeed.zero.Init`` (not hpcllm's builder today).
+    ``zero_init``: predict for a model built under ``deepspeed.zero.Init``; None = ``train.zero_init``.
     """
+    if zero_init is None:
+        zero_init = cfg.train.zero_init
     arch = F.arch_of(cfg.model)
     gpu, cpu, tr, trainable, notes = _memory(cfg, derived, cfg.method.micro_batch_size, zero_init)
     fits_gpu, fits_cpu = _fits(cfg, gpu, cpu)
@@ -366,7 +370,7 @@ def _candidate_micro_batch(cfg: DictConfig, derived: Derived, max_mb: int) -> Op
     return None
 
 
-def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: bool = False) -> List[str]:
+def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: Optional[bool] = None) -> List[str]:
     """Concrete overrides that make the job fit, cheapest first: a smaller micro batch, gradient
     checkpointing, the next ZeRO stage, offload, more nodes. Each single one listed fits by itself;
     when none does, the cheapest combination that fits is listed."""
@@ -424,7 +428,7 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: bool =
         mb = _candidate_micro_batch(c2, d2, _max_micro_batch(c2, d2, zero_init))
         if mb:
             return steps + [" ".join(chosen + [f"method.micro_batch_size={mb}"])]
-    hint = (" (the whole model passes through each GPU before ZeRO-3 partitions it: building it under "
-            "deepspeed.zero.Init would remove that peak)" if est.breakdown.get("zero3_load") else "")
+    hint = (" (the whole model passes through each GPU before ZeRO-3 partitions it: train.zero_init=true "
+            "builds it under deepspeed.zero.Init and removes that peak)" if est.breakdown.get("zero3_load") else "")
     return steps + ["no combination of micro batch, checkpointing, ZeRO stage, offload and up to "
                     f"{nodes} nodes fits: choose a smaller model, shorter method.seq_len or larger GPUs" + hint]

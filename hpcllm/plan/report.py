@@ -54,8 +54,9 @@ def capacity_line(cfg: DictConfig, est: Estimate) -> str:
             f"{est.tokens_per_sec_per_gpu:9,.0f} tok/s/gpu  max_mb={est.max_micro_batch_size}")
 
 
-def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[int] = None) -> Optional[Estimate]:
-    """Estimate, print the table, write ``run_dir/estimate.json``; refuse a job that will not fit.
+def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[int] = None,
+              show: bool = True) -> Optional[Estimate]:
+    """Estimate, print the table (``show``), write ``run_dir/estimate.json``; refuse a job that will not fit.
 
     ``preflight=off`` skips everything; ``warn`` prints and continues; ``refuse`` (the default) raises
     :class:`PreflightRefused` with the breakdown and remedies.
@@ -71,5 +72,6 @@ def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[
         raise PreflightRefused(
             f"pre-flight: this job is predicted not to fit, so it was not submitted.\n{table}\n"
             "Apply one of the remedies above, or set preflight=warn to run anyway.")
-    print(table, flush=True)
+    if show:
+        print(table, flush=True)
     return est

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -33,6 +34,10 @@ def run_stage(cfg: DictConfig, run_dir: Path, dist: DistEnv) -> str:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
     ctx = StageContext(cfg, derive(cfg), Path(run_dir), dist, memmap_paths(cfg, Path(run_dir)), tokenizer)
+    if cfg.zero.stage == 3 and cfg.train.zero_init:
+        from hpcllm.models.build import zero3_init_context
+
+        ctx.zero3_init = zero3_init_context(json.loads((Path(run_dir) / "ds_config.json").read_text()))
     if cfg.method.stage == "eval":
         from hpcllm.stages.eval import run_eval
 

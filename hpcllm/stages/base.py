@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from hpcllm.config import Derived
 from hpcllm.distributed import DistEnv, barrier
+from hpcllm.models.build import base_model_dir
 
 
 @dataclass
@@ -22,6 +23,7 @@ class StageContext:
     dist: DistEnv
     data: dict  # split -> memmap dir or None (see hpcllm.launch.datasets.memmap_paths)
     tokenizer: object
+    zero3_init: object = None  # kept alive: transformers builds under deepspeed.zero.Init while it exists
 
 
 class Stage:
@@ -69,6 +71,12 @@ class Stage:
         if self.ctx.dist.is_main:
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            base = base_model_dir(self.ctx.run_dir)
+            if hasattr(module, "peft_config") and base.is_dir():
+                # An adapter over random base weights: ship the base inside the export and point at it.
+                shutil.copytree(base, tmp / "base")
+                for config in module.peft_config.values():
+                    config.base_model_name_or_path = str(out_dir / "base")
             module.save_pretrained(tmp, state_dict=state_dict if state_dict is not None else module.state_dict())
             self.save_extras(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -8,7 +8,7 @@ from typing import Iterator
 from hpcllm.config import ConfigError
 from hpcllm.data import MemmapDataset, iter_batches, tokenizer_hash
 from hpcllm.models.adapters import apply_adapter
-from hpcllm.models.build import build_model
+from hpcllm.models.build import build_model, save_base_model
 from hpcllm.stages.base import Stage, StageContext
 
 LM_KEYS = ("input_ids", "attention_mask", "labels")
@@ -19,8 +19,14 @@ def build_policy(ctx: StageContext):
     cfg = ctx.cfg
     model = build_model(cfg.model, precision=ctx.derived.precision, attention=cfg.train.attention,
                         seed=cfg.seed, tokenizer=ctx.tokenizer)
-    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(ctx.tokenizer))
+    if ctx.tokenizer is not None and len(ctx.tokenizer) > cfg.model.vocab_size and not cfg.model.path:
+        raise ConfigError(f"the tokenizer has {len(ctx.tokenizer)} tokens but model.vocab_size="
+                          f"{cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
+    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(ctx.tokenizer))  # e.g. a vocabulary extended with Chinese tokens
+    if cfg.method.adapter in ("lora", "ptuning") and not cfg.model.path:
+        # The frozen base of an adapter run, saved once so the exported adapter has weights to load onto.
+        save_base_model(model, ctx)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
