@@ -10,12 +10,12 @@ TINY = ["cluster=slurm", "hw=cpu", "hw.gpus_per_node=1", "method.seq_len=64"]
 
 
 def job_ids(stdout: str) -> list[str]:
-    return re.findall(r"submitted (?:[\w ]+: )?job (\S+):", stdout)
+    return re.findall(r"job (\S+): run dir", stdout)
 
 
 def sacct(job_id: str, fields: str = "State") -> list[str]:
     out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", fields], capture_output=True, text=True)
-    return out.stdout.strip().split("|")
+    return [value.split(" by ")[0] for value in out.stdout.strip().split("|")]  # "CANCELLED by 0"
 
 
 def wait_for(predicate, timeout: float, what: str, every: float = 0.1):

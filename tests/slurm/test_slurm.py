@@ -70,7 +70,12 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(l
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_for(lambda: scontrol_job(job_id).get("Restarts") == "1", 120, "the requeue")
     # Slurm holds a requeued job for ~2 minutes (BeginTime); the test does not wait for that.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    def released():
+        if scontrol_job(job_id).get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        return scontrol_job(job_id).get("JobState") not in ("PENDING", "COMPLETING", "REQUEUED")
+
+    wait_for(released, 150, "the requeued job to start", every=2)
     wait_for(lambda: sacct(job_id)[0] in FINAL, 240, "the requeued job", every=1)
     assert sacct(job_id) == ["COMPLETED"]
     log = (tmp_path / "slurm" / f"{job_id}_0_log.out").read_text()
