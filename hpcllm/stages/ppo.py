@@ -1,0 +1,329 @@
+"""PPO (RLHF): an actor and a critic trained on rollouts generated from prompts.
+
+How it fits the one loop: ``self.model`` is an ``ActorCritic`` module (actor = the SFT policy,
+critic = the reward model's backbone and head, or a copy of the actor's starting backbone with a
+new value head), trained by the loop's one DeepSpeed engine with two optimizer param groups
+(actor at method.lr, critic at method.ppo.critic_lr) under the job's ZeRO profile. The stage's
+``train_batches`` is where RL happens: for rollout k it takes ``rollout_batch_size`` prompts (all
+ranks together), samples responses with the engine's actor, scores them (reward model or toy
+reward), adds the per-token KL penalty against the frozen reference, computes GAE advantages and
+returns, then yields ``ppo_epochs`` shuffled passes of micro batches over that experience; the
+loop runs each micro batch's clipped policy + value loss (+ ptx) as it does any stage's loss.
+One rollout is always a whole number of optimizer steps.
+
+Frozen models (no optimizer): the reference is the actor with its adapter disabled under
+method.adapter=lora, else a frozen copy of the starting model; the reward model is
+``load_reward_model(method.ppo.reward_model)``. Both are full replicas on every rank: the per-model
+ZeRO profiles (method.ppo.*_zero) other than the job's own are refused, not honoured.
+
+Toy reward (no method.ppo.reward_model): the fraction of generated tokens equal to
+method.ppo.target_token. Left null, the target is the ordinary (non-special) token the starting
+actor samples most often on the first rollout's prompts (seeded by ``seed``; the same on every
+rank and on resume), so that the reward starts above zero even for a random tiny model.
+
+Resume: each rank writes its current rollout to ``run_dir/rollouts/``; a run resumed in the middle
+of rollout k reloads it, so the remaining micro batches (and the RNG, restored by the loop) are
+those of the uninterrupted run. Log-probabilities use ``logits / temperature`` (top-k truncation of
+the sampler is not part of them, as in common RLHF implementations).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from hpcllm.config import ConfigError
+from hpcllm.data import iter_batches
+from hpcllm.models.adapters import apply_adapter
+from hpcllm.models.build import DTYPES, build_model
+from hpcllm.models.value_head import (RewardModel, load_reward_model, plain_state_dict, position_ids,
+                                      save_causal_lm, save_reward_model)
+from hpcllm.stages.base import Stage, StageContext
+from hpcllm.stages.lm import build_policy, open_dataset
+from hpcllm.stages.losses import (gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss,
+                                  token_logprobs, whiten)
+from hpcllm.stages.reward import check_adapter, gathered_state_dict, lora_scaling, write_atomically
+
+PROBE_PROMPTS = 64
+EXPERIENCE_KEYS = ("input_ids", "attention_mask", "action_mask", "old_logprobs", "old_values", "advantages", "returns")
+
+
+class ActorCritic(nn.Module):
+    """The two trained models under one engine; ``forward`` gives the actor's logits and the critic's values."""
+
+    def __init__(self, actor: nn.Module, critic: RewardModel) -> None:
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    def forward(self, input_ids, attention_mask, ptx_input_ids=None, ptx_attention_mask=None, ptx_labels=None):
+        logits = self.actor(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(attention_mask)).logits
+        values = self.critic.values(input_ids, attention_mask)
+        ptx_loss = None
+        if ptx_input_ids is not None:
+            ptx_loss = self.actor(input_ids=ptx_input_ids, attention_mask=ptx_attention_mask, labels=ptx_labels).loss
+        return logits, values, ptx_loss
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """1 on generated tokens up to and including the first eos, 0 after it."""
+    if eos_token_id is None:
+        return torch.ones_like(responses)
+    is_eos = (responses == eos_token_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long()
+
+
+class PPOStage(Stage):
+    def __init__(self, ctx: StageContext) -> None:
+        super().__init__(ctx)
+        check_adapter(ctx)
+        cfg, ppo = ctx.cfg, ctx.cfg.method.ppo
+        self._check_sizes()
+        for name in ("actor", "critic", "reference", "reward"):
+            if ppo[f"{name}_zero"] not in (None, cfg.zero.name):
+                raise ConfigError(f"method.ppo.{name}_zero={ppo[f'{name}_zero']} is not supported: the actor and "
+                                  f"critic train under the job's zero={cfg.zero.name} and the frozen reference/reward "
+                                  f"models are full replicas per rank; leave method.ppo.{name}_zero=null")
+        self.prompts = open_dataset(ctx, "train", ("prompt",))
+        if self.prompts is None:
+            raise ConfigError("data.train is not set: give a jsonl file of prompts or a memmap_gen prompt output")
+        self.ptx_ds = open_dataset(ctx, "pretrain", ("pretrain", "sft")) if ppo.ptx_coef > 0 else None
+        if ppo.ptx_coef > 0 and self.ptx_ds is None:
+            raise ConfigError("method.ppo.ptx_coef > 0 needs data.pretrain (text for the pretraining loss)")
+        self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
+        self.eos_token_id = ctx.tokenizer.eos_token_id if ctx.tokenizer is not None else None
+
+        actor = build_policy(ctx)
+        dtype = DTYPES[ctx.derived.precision]
+        if ppo.reward_model:
+            self.reward_model = load_reward_model(ppo.reward_model, dtype, cfg.train.attention).requires_grad_(False)
+            critic = load_reward_model(ppo.reward_model, dtype, cfg.train.attention).train()
+            critic.backbone = apply_adapter(critic.backbone, cfg.method, cfg.model)
+        else:
+            self.reward_model = None
+            critic = RewardModel(build_policy(ctx))
+        self.model = ActorCritic(actor, critic)
+        self.reference = None
+        if cfg.method.adapter != "lora":
+            self.reference = build_model(cfg.model, precision=ctx.derived.precision, attention=cfg.train.attention,
+                                         seed=cfg.seed, tokenizer=ctx.tokenizer)
+            vocab = actor.get_input_embeddings().weight.shape[0]
+            if self.reference.get_input_embeddings().weight.shape[0] != vocab:
+                self.reference.resize_token_embeddings(vocab)
+            self.reference.requires_grad_(False).eval()
+        self.generation = GenerationConfig(
+            do_sample=True, max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
+            top_p=1.0, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
+        self.target_id = None
+
+    def _check_sizes(self) -> None:
+        method, derived = self.ctx.cfg.method, self.ctx.derived
+        ppo, dp, m = method.ppo, derived.data_parallel_size, method.micro_batch_size
+        if ppo.rollout_batch_size % (dp * m):
+            raise ConfigError(f"method.ppo.rollout_batch_size={ppo.rollout_batch_size} is not divisible by "
+                              f"method.micro_batch_size={m} x data-parallel size {dp}: set it to a multiple of {dp * m}")
+        self.rows_per_rank = ppo.rollout_batch_size // dp
+        self.micro_per_epoch = self.rows_per_rank // m
+        self.micro_per_rollout = ppo.ppo_epochs * self.micro_per_epoch
+        if ppo.ppo_epochs < 1 or self.micro_per_rollout % derived.grad_accum_steps:
+            raise ConfigError(
+                f"a rollout gives method.ppo.ppo_epochs={ppo.ppo_epochs} x {self.micro_per_epoch} micro batches per "
+                f"rank, not a whole number of optimizer steps of {derived.grad_accum_steps} micro batches: make "
+                "ppo_epochs x rollout_batch_size a multiple of method.global_batch_size")
+
+    # -- the stage contract ---------------------------------------------------------------------
+    def bind(self, engine) -> None:
+        super().bind(engine)
+        for frozen in (self.reference, self.reward_model):
+            if frozen is not None:
+                frozen.to(engine.device)
+        if self.reward_model is None:
+            # Before a checkpoint is loaded: the actor still has its starting weights on every rank.
+            self.target_id = self._toy_target()
+
+    def trainable_parameters(self) -> list:
+        trainable = lambda module: [p for p in module.parameters() if p.requires_grad]  # noqa: E731
+        return [{"params": trainable(self.model.actor), "lr": self.ctx.cfg.method.lr},
+                {"params": trainable(self.model.critic), "lr": self.ctx.cfg.method.ppo.critic_lr}]
+
+    def samples_per_epoch(self) -> int:
+        """Experience rows trained per pass over the prompts: every prompt's rollout, ppo_epochs times."""
+        return len(self.prompts) * self.ctx.cfg.method.ppo.ppo_epochs
+
+    def train_batches(self, micro_step: int) -> Iterator[dict]:
+        rollout_index, offset = divmod(micro_step, self.micro_per_rollout)
+        ptx = self._ptx_batches(micro_step)
+        while True:
+            rollout = self._saved_rollout(rollout_index) if offset else None
+            if rollout is None:
+                rollout = self._rollout(rollout_index)
+            for i in range(offset, self.micro_per_rollout):
+                batch = self._micro_batch(rollout, rollout_index, i)
+                if ptx is not None:
+                    batch.update({f"ptx_{k}": v for k, v in next(ptx).items()})
+                yield batch
+            rollout_index, offset = rollout_index + 1, 0
+
+    def loss(self, engine, batch: dict):
+        ppo, width = self.ctx.cfg.method.ppo, batch["prompt_width"]
+        ptx = {k: batch[k] for k in ("ptx_input_ids", "ptx_attention_mask", "ptx_labels") if k in batch}
+        logits, values, ptx_loss = engine(batch["input_ids"], batch["attention_mask"], **ptx)
+        responses, mask = batch["input_ids"][:, width:], batch["action_mask"]
+        logprobs = token_logprobs(logits[:, width - 1:-1] / ppo.temperature, responses)
+        policy_loss, metrics = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, ppo.clip_range)
+        value_loss, value_metrics = ppo_value_loss(values[:, width - 1:-1], batch["old_values"], batch["returns"], mask,
+                                                   ppo.value_clip_range)
+        loss = policy_loss + value_loss
+        if ptx_loss is not None:
+            loss = loss + ppo.ptx_coef * ptx_loss
+            metrics["ptx_loss"] = ptx_loss.item()
+        return loss, {**metrics, **value_metrics, **batch["rollout_stats"]}
+
+    def export(self, engine, out_dir: Path) -> None:
+        """``final/``: the actor as a Hugging Face causal LM (LoRA merged); ``final/critic/``: the critic as a
+        reward-model directory (``load_reward_model``)."""
+        state_dict = gathered_state_dict(self.ctx, engine)
+        scaling = lora_scaling(self.ctx)
+
+        def write(tmp: Path) -> None:
+            module = engine.module
+            save_causal_lm(module.actor, plain_state_dict(state_dict, "actor.", scaling), tmp)
+            save_reward_model(module.critic, state_dict, tmp / "critic", scaling, prefix="critic.")
+
+        write_atomically(self, out_dir, write)
+
+    # -- rollouts -------------------------------------------------------------------------------
+    def _prompt_batch(self, rollout_index: int, rank: int, world: int, rows: int) -> dict:
+        batches = iter_batches(self.prompts, rows, rank, world,
+                               consumed_samples=rollout_index * self.ctx.cfg.method.ppo.rollout_batch_size,
+                               pad_token_id=self.pad_token_id)
+        return {k: v.to(self.engine.device) for k, v in next(batches).items()}
+
+    @torch.no_grad()
+    def _generate(self, prompts: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(sequences, attention mask over prompt + response, prompt width) sampled from the actor."""
+        actor = self.engine.module.actor
+        sequences = actor.generate(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"],
+                                   generation_config=self.generation, synced_gpus=self.ctx.cfg.zero.stage == 3)
+        width = prompts["input_ids"].shape[1]
+        mask = torch.cat([prompts["attention_mask"], response_mask(sequences[:, width:], self.eos_token_id)], 1)
+        return sequences, mask, width
+
+    def _toy_target(self) -> int:
+        ppo, tokenizer = self.ctx.cfg.method.ppo, self.ctx.tokenizer
+        if ppo.target_token is not None:
+            token_id = tokenizer.convert_tokens_to_ids(ppo.target_token)
+            if token_id is None or token_id == tokenizer.unk_token_id:
+                raise ConfigError(f"method.ppo.target_token={ppo.target_token!r} is not a token of the tokenizer: "
+                                  "give one token string as the tokenizer spells it (e.g. 'Ġthe')")
+            return token_id
+        actor = self.engine.module.actor
+        self.engine.module.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.ctx.cfg.seed)
+            # The same rows on every rank; many prompts, so that the token is common, not one prompt's.
+            prompts = self._prompt_batch(0, 0, 1, min(len(self.prompts), PROBE_PROMPTS))
+            sequences, mask, width = self._generate(prompts)
+            with torch.no_grad():
+                logits = actor(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+        self.engine.module.train()
+        # The sampler's own probabilities (temperature, top-k) averaged over the generated positions:
+        # far less noisy than counting the sampled tokens.
+        logits = logits[:, width - 1:-1].float() / ppo.temperature
+        if ppo.top_k:
+            kth = logits.topk(min(ppo.top_k, logits.shape[-1]), -1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = masked_mean(logits.softmax(-1), mask[:, width:].unsqueeze(-1), dim=(0, 1))
+        probs[[i for i in tokenizer.all_special_ids if i < len(probs)]] = -1.0
+        target = int(probs.argmax())
+        if self.ctx.dist.is_main:
+            print(f"hpcllm: toy reward target token {tokenizer.convert_ids_to_tokens(target)!r} (id {target}): "
+                  f"{float(probs[target]):.1%} of the starting actor's samples", flush=True)
+        return target
+
+    @torch.no_grad()
+    def _scores(self, sequences: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+        if self.reward_model is not None:
+            return self.reward_model(sequences, mask).float()
+        hits = (sequences[:, width:] == self.target_id).float() * mask[:, width:]
+        return hits.sum(-1) / mask[:, width:].sum(-1).clamp(min=1)
+
+    @torch.no_grad()
+    def _rollout(self, rollout_index: int) -> dict:
+        ppo = self.ctx.cfg.method.ppo
+        module = self.engine.module
+        module.eval()
+        prompts = self._prompt_batch(rollout_index, self.ctx.dist.rank, self.ctx.derived.data_parallel_size,
+                                     self.rows_per_rank)
+        sequences, mask, width = self._generate(prompts)
+        action_mask = mask[:, width:]
+        responses = sequences[:, width:]
+        logits, values, _ = module(sequences, mask)
+        logprobs = token_logprobs(logits[:, width - 1:-1] / ppo.temperature, responses)
+        values = values[:, width - 1:-1]
+        if self.reference is not None:
+            ref_logits = self.reference(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+        else:
+            with module.actor.disable_adapter():
+                ref_logits = module.actor(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
+        ref_logprobs = token_logprobs(ref_logits[:, width - 1:-1] / ppo.temperature, responses)
+        module.train()
+        scores = self._scores(sequences, mask, width)
+        rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, action_mask, ppo.kl_coef)
+        advantages, returns = gae(rewards, values, action_mask, ppo.gamma, ppo.lam)
+        rollout = {"index": rollout_index, "prompt_width": width, "input_ids": sequences, "attention_mask": mask,
+                   "action_mask": action_mask, "old_logprobs": logprobs, "old_values": values,
+                   "advantages": whiten(advantages, action_mask), "returns": returns,
+                   "stats": {"mean_reward": scores.mean().item(), "kl": kl.mean().item(),
+                             "non_score_reward": (-ppo.kl_coef * kl).mean().item(),
+                             "returns": masked_mean(returns, action_mask).item(),
+                             "values": masked_mean(values, action_mask).item(),
+                             "generation_length": action_mask.sum(-1).float().mean().item()}}
+        self._save_rollout(rollout)
+        return rollout
+
+    def _micro_batch(self, rollout: dict, rollout_index: int, i: int) -> dict:
+        """Micro batch i of a rollout: ppo_epochs passes, each in its own seeded order."""
+        epoch, j = divmod(i, self.micro_per_epoch)
+        seed = ((self.ctx.cfg.seed * 1_000_003 + rollout_index) * 1009 + epoch) * 1009 + self.ctx.dist.rank
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        order = torch.randperm(self.rows_per_rank, generator=generator)
+        m = self.ctx.cfg.method.micro_batch_size
+        rows = order[j * m:(j + 1) * m].to(rollout["input_ids"].device)
+        return {**{k: rollout[k][rows] for k in EXPERIENCE_KEYS}, "prompt_width": rollout["prompt_width"],
+                "rollout_stats": rollout["stats"]}
+
+    def _ptx_batches(self, micro_step: int) -> Iterator[dict] | None:
+        if self.ptx_ds is None:
+            return None
+        m, dp = self.ctx.cfg.method.micro_batch_size, self.ctx.derived.data_parallel_size
+        return iter_batches(self.ptx_ds, m, self.ctx.dist.rank, dp, consumed_samples=micro_step * m * dp,
+                            dynamic_padding=self.ctx.cfg.data.dynamic_padding, pad_token_id=self.pad_token_id)
+
+    # -- the current rollout on disk, for an exact resume in the middle of one ---------------------
+    def _rollout_path(self, rollout_index: int) -> Path:
+        return self.ctx.run_dir / "rollouts" / f"rank{self.ctx.dist.rank}_{rollout_index:08d}.pt"
+
+    def _save_rollout(self, rollout: dict) -> None:
+        path = self._rollout_path(rollout["index"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in rollout.items()}, tmp)
+        tmp.replace(path)
+        # The previous rollout stays: the newest complete checkpoint may still be inside it.
+        for old in path.parent.glob(f"rank{self.ctx.dist.rank}_*.pt"):
+            if old.name < self._rollout_path(rollout["index"] - 1).name:
+                old.unlink()
+
+    def _saved_rollout(self, rollout_index: int) -> dict | None:
+        path = self._rollout_path(rollout_index)
+        if not path.is_file():
+            if self.ctx.dist.is_main:
+                print(f"hpcllm: no saved rollout {rollout_index} in {path.parent}: generating it again from the "
+                      "checkpoint's actor (the resumed run is not exact)", flush=True)
+            return None
+        rollout = torch.load(path, weights_only=False)
+        return {k: v.to(self.engine.device) if torch.is_tensor(v) else v for k, v in rollout.items()}
