@@ -14,6 +14,7 @@ import hpcllm.config  # noqa: F401  (registers the schemas and resolvers)
 from hpcllm.config import ConfigError
 from hpcllm.launch import backends
 from hpcllm.launch.job import prepare
+from hpcllm.plan import PreflightRefused
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -21,6 +22,10 @@ def main(cfg: DictConfig) -> None:
     try:
         job = prepare(cfg, HydraConfig.get().runtime.output_dir)
         backends.plan(job)
+    except PreflightRefused as err:
+        if not cfg.dry_run:
+            sys.exit(f"hpcllm: {err}")
+        print(f"[dry run] would be refused: {err}")  # a dry run still shows everything it rendered
     except ConfigError as err:
         sys.exit(f"hpcllm: {err}")
     if cfg.dry_run:

@@ -31,7 +31,12 @@ def plan(job: PreparedJob) -> None:
     if job.cfg.method.stage == "eval":
         return  # inference only: the training estimate does not apply
     sweep = in_multirun()
-    est = planner.preflight(job.cfg, job.derived, job.run_dir, num_samples=_num_samples(job), show=not sweep)
+    try:
+        est = planner.preflight(job.cfg, job.derived, job.run_dir, num_samples=_num_samples(job), show=not sweep)
+    except planner.PreflightRefused as refused:
+        if not (sweep and job.cfg.dry_run):
+            raise
+        est = refused.estimate  # a capacity table lists the points that do not fit too
     if sweep and est is not None:
         print(f"{HydraConfig.get().job.num:>3}  {planner.capacity_line(job.cfg, est)}", flush=True)
 

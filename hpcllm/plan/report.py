@@ -69,9 +69,11 @@ def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[
     with open(os.path.join(run_dir, "estimate.json"), "w") as f:
         json.dump(est.to_dict(), f, indent=2)
     if not est.fits and cfg.preflight == "refuse":
-        raise PreflightRefused(
+        refused = PreflightRefused(
             f"pre-flight: this job is predicted not to fit, so it was not submitted.\n{table}\n"
             "Apply one of the remedies above, or set preflight=warn to run anyway.")
+        refused.estimate = est
+        raise refused
     if show:
         print(table, flush=True)
     return est
