@@ -17,9 +17,10 @@ method.adapter=lora, else a frozen copy of the starting model; the reward model 
 ZeRO profiles (method.ppo.*_zero) other than the job's own are refused, not honoured.
 
 Toy reward (no method.ppo.reward_model): the fraction of generated tokens equal to
-method.ppo.target_token. Left null, the target is the ordinary (non-special) token the starting
-actor samples most often on the first rollout's prompts (seeded by ``seed``; the same on every
-rank and on resume), so that the reward starts above zero even for a random tiny model.
+method.ppo.target_token. Left null, the target is the ordinary (non-special) token with the highest
+mean sampling probability (temperature and top-k applied) of the starting actor over up to 64
+prompts (seeded by ``seed``; the same on every rank and on resume), i.e. a token the policy already
+generates, so that the reward starts above zero even for the random tiny demo model.
 
 Resume: each rank writes its current rollout to ``run_dir/rollouts/``; a run resumed in the middle
 of rollout k reloads it, so the remaining micro batches (and the RNG, restored by the loop) are
