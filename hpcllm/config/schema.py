@@ -180,7 +180,7 @@ class ClusterConfig:
     mem_gb: Optional[float] = None  # per node; None = hw.ram_gb_per_node minus headroom
     cpus_per_task: Optional[int] = None  # None = cpus_per_node / gpus_per_node
     extra_sbatch: Dict[str, str] = field(default_factory=dict)
-    signal_before_min: int = 5  # Slurm sends USR1 this long before the time limit
+    signal_before_min: int = 5  # Slurm sends USR2 this long before the time limit (the loop checkpoints)
     max_requeue: int = 3
     array_parallelism: int = 16
     job_name: str = "hpcllm"
