@@ -269,7 +269,7 @@ class JobConfig:
     preflight: str = "refuse"  # refuse | warn | off
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     seed: int = 1234
-    wait: bool = True  # cluster=slurm: block until the job ends
+    wait: bool = False  # cluster=slurm: block until the job(s) end and exit non-zero if one failed
     pipeline: Optional[PipelineConfig] = None  # conf/pipeline/<name>.yaml (cluster=slurm)
     run_dir: Optional[str] = None  # filled from hydra.run.dir
 

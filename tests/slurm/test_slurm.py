@@ -91,7 +91,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(l
 
 def test_sweep_runs_as_one_job_array(launch, tmp_path):
     proc = launch(*TINY, "train.max_steps=4", "method.lr=1e-3,2e-3,3e-3", "cluster.array_parallelism=2",
-                  f"hydra.sweep.dir={tmp_path}", multirun=True, check=True)
+                  f"hydra.sweep.dir={tmp_path}", "wait=true", multirun=True, check=True)
     ids = job_ids(proc.stdout)
     array = ids[0].split("_")[0]
     assert ids == [f"{array}_{i}" for i in range(3)]
@@ -105,7 +105,8 @@ def test_sweep_runs_as_one_job_array(launch, tmp_path):
 
 def test_pipeline_stages_wait_for_and_read_the_previous_stage(launch, tmp_path):
     # reward/ppo are written elsewhere; pretrain -> sft exercises the same mechanics.
-    proc = launch(*TINY, "pipeline=pretrain_sft", "train.max_steps=4", f"hydra.run.dir={tmp_path}", check=True)
+    proc = launch(*TINY, "pipeline=pretrain_sft", "train.max_steps=4", f"hydra.run.dir={tmp_path}", "wait=true",
+                  check=True)
     first, second = job_ids(proc.stdout)
     assert f"--dependency=afterok:{first}" in (tmp_path / "sft" / "job.sbatch").read_text()
     assert f"path: {tmp_path}/pretrain/final" in (tmp_path / "sft" / "config.yaml").read_text()
