@@ -3,6 +3,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -35,8 +36,10 @@ def test_every_combination_composes_or_fails_clearly():
 
     Each preset is composed by Hydra once; combinations swap the group nodes (what Hydra's
     composition does for independent groups), so 12k combinations run in seconds."""
-    groups = {g: {name: compose([f"{g}={name}"])[g] for name in presets(g)} for g in ("model", "method", "hw", "zero")}
-    cfg = compose([])
+    plain = lambda node: OmegaConf.create(OmegaConf.to_container(node))  # noqa: E731  (3x faster to assign)
+    groups = {g: {name: plain(compose([f"{g}={name}"])[g]) for name in presets(g)}
+              for g in ("model", "method", "hw", "zero")}
+    cfg = plain(compose([]))
     checked = failed = 0
     # Nested loops re-assign only the group that changes (assignment, not derive, dominates the time).
     for cfg.model in groups["model"].values():
