@@ -14,7 +14,8 @@ One rollout is always a whole number of optimizer steps.
 Frozen models (no optimizer): the reference is the actor with its adapter disabled under
 method.adapter=lora, else a frozen copy of the starting model; the reward model is
 ``load_reward_model(method.ppo.reward_model)``. Both are full replicas on every rank: the per-model
-ZeRO profiles (method.ppo.*_zero) other than the job's own are refused, not honoured.
+ZeRO profiles (method.ppo.*_zero) other than the job's own are refused, not honoured; under ZeRO-3
+they need train.zero_init=false (zero.Init would partition them outside the engine).
 
 Toy reward (no method.ppo.reward_model): the fraction of generated tokens equal to
 method.ppo.target_token. Left null, the target is the ordinary (non-special) token with the highest
@@ -29,6 +30,7 @@ the sampler is not part of them, as in common RLHF implementations).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +48,8 @@ from hpcllm.stages.base import Stage, StageContext
 from hpcllm.stages.lm import build_policy, open_dataset
 from hpcllm.stages.losses import (gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss,
                                   token_logprobs, whiten)
-from hpcllm.stages.reward import check_adapter, gathered_state_dict, lora_scaling, write_atomically
+from hpcllm.stages.reward import (check_adapter, check_frozen_copies, gathered_state_dict, lora_scaling,
+                                  write_atomically)
 
 PROBE_PROMPTS = 64
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "action_mask", "old_logprobs", "old_values", "advantages", "returns")
@@ -83,11 +86,12 @@ class PPOStage(Stage):
         check_adapter(ctx)
         cfg, ppo = ctx.cfg, ctx.cfg.method.ppo
         self._check_sizes()
+        check_frozen_copies(ctx, cfg.method.adapter != "lora" or bool(ppo.reward_model))
         for name in ("actor", "critic", "reference", "reward"):
             if ppo[f"{name}_zero"] not in (None, cfg.zero.name):
                 raise ConfigError(f"method.ppo.{name}_zero={ppo[f'{name}_zero']} is not supported: the actor and "
                                   f"critic train under the job's zero={cfg.zero.name} and the frozen reference/reward "
-                                  f"models are full replicas per rank; leave method.ppo.{name}_zero=null")
+                                  f"models are full replicas per rank (under ZeRO-3 with train.zero_init=false); leave method.ppo.{name}_zero=null")
         self.prompts = open_dataset(ctx, "train", ("prompt",))
         if self.prompts is None:
             raise ConfigError("data.train is not set: give a jsonl file of prompts or a memmap_gen prompt output")
@@ -223,7 +227,7 @@ class PPOStage(Stage):
             return token_id
         actor = self.engine.module.actor
         self.engine.module.eval()
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self._whole_model():
             torch.manual_seed(self.ctx.cfg.seed)
             # The same rows on every rank; many prompts, so that the token is common, not one prompt's.
             prompts = self._prompt_batch(0, 0, 1, min(len(self.prompts), PROBE_PROMPTS))
@@ -252,8 +256,21 @@ class PPOStage(Stage):
         hits = (sequences[:, width:] == self.target_id).float() * mask[:, width:]
         return hits.sum(-1) / mask[:, width:].sum(-1).clamp(min=1)
 
-    @torch.no_grad()
+    def _whole_model(self):
+        """Under ZeRO-3 the actor and critic are gathered whole for a rollout (as TRL does for generation):
+        generate() runs a different number of forwards per rank, and a forward outside the engine's own
+        call does not fetch partitioned parameters reliably."""
+        if self.ctx.cfg.zero.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+
     def _rollout(self, rollout_index: int) -> dict:
+        with torch.no_grad(), self._whole_model():
+            return self._rollout_gathered(rollout_index)
+
+    def _rollout_gathered(self, rollout_index: int) -> dict:
         ppo = self.ctx.cfg.method.ppo
         module = self.engine.module
         module.eval()

@@ -23,6 +23,15 @@ def check_adapter(ctx: StageContext) -> None:
                           "P-tuning's prefixes do not reach the value head's decoder-only forward")
 
 
+def check_frozen_copies(ctx: StageContext, needed: bool) -> None:
+    """Frozen models live outside the DeepSpeed engine, so ZeRO-3's zero.Init build must not partition them."""
+    cfg = ctx.cfg
+    if needed and cfg.zero.stage == 3 and cfg.train.zero_init:
+        raise ConfigError(f"method={cfg.method.name} keeps frozen reference/reward models beside the engine, which "
+                          "zero.Init would partition: set train.zero_init=false (or method.adapter=lora, so the "
+                          "reference is the adapter-disabled policy)")
+
+
 def lora_scaling(ctx: StageContext) -> float | None:
     lora = ctx.cfg.method.lora
     return lora.alpha / lora.r if ctx.cfg.method.adapter == "lora" else None
