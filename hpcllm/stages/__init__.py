@@ -29,9 +29,13 @@ def _stage_class(name: str):
 def run_stage(cfg: DictConfig, run_dir: Path, dist: DistEnv) -> str:
     """Build the stage of cfg.method and run it through the training loop (or the evaluator)."""
     from hpcllm.data import load_tokenizer
-    from hpcllm.launch.datasets import memmap_paths
+    from hpcllm.distributed import barrier
+    from hpcllm.launch.datasets import ensure_memmaps, memmap_paths
     from hpcllm.stages.base import StageContext
 
+    if dist.is_main:  # started by torchrun or a bare srun, nobody prepared the data yet
+        ensure_memmaps(cfg, Path(run_dir))
+    barrier()
     tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
     ctx = StageContext(cfg, derive(cfg), Path(run_dir), dist, memmap_paths(cfg, Path(run_dir)), tokenizer)
     if cfg.zero.stage == 3 and cfg.train.zero_init:

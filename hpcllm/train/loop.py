@@ -3,12 +3,14 @@ DeepSpeed, accumulation, schedule, clipping, precision, eval, metrics, checkpoin
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import deepspeed
 import torch
+from tqdm import tqdm
 
 from hpcllm.config import ConfigError
 from hpcllm.distributed import all_reduce
@@ -69,6 +71,8 @@ class Trainer:
         """Train to max_steps; returns "completed", or "stopped" after checkpointing on a stop signal."""
         self.resume()
         batches = self.stage.train_batches(self.state["step"] * self.accum)
+        interactive = self.ctx.dist.is_main and sys.stdout.isatty()
+        progress = tqdm(total=self.max_steps, initial=self.state["step"], unit="step", disable=not interactive)
         while self.state["step"] < self.max_steps:
             if self.stop.agreed():
                 self.save()
@@ -76,6 +80,7 @@ class Trainer:
                 return "stopped"
             metrics = self.train_step(batches)
             self.state["step"] += 1
+            progress.update()
             step = self.state["step"]
             if step % self.train_cfg.log_every == 0 or step == self.max_steps:
                 self.metrics.log(step, metrics)
@@ -83,6 +88,7 @@ class Trainer:
                 self.evaluate()
             if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.max_steps:
                 self.save()
+        progress.close()
         self.save()
         if self.train_cfg.export:
             self.stage.export(self.engine, self.ctx.run_dir / "final")

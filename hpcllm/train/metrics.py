@@ -7,6 +7,7 @@ import resource
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -53,7 +54,7 @@ class MetricsLogger:
         if console:
             shown = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in record.items() if k != "step")
-            print(f"step {step}: {shown}", flush=True)
+            tqdm.write(f"step {step}: {shown}")  # above the progress bar, if there is one
 
     def close(self) -> None:
         if self.file:

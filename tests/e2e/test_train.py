@@ -176,3 +176,22 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(runs, tmp_path):
     b = load_safetensors(run_dir / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_same_run_directory_runs_under_torchrun(tmp_path):
+    """A rendered run directory is all a rank needs: torchrun (or srun) can start it directly."""
+    import subprocess
+    import sys
+
+    from e2e_helpers import env
+
+    from hpcllm.distributed import free_port
+
+    launch(tmp_path, "dry_run=true", "train.max_steps=3", "method.seq_len=64")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}",
+                           "-m", "hpcllm.launch.worker", str(tmp_path)], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in train_records(tmp_path)] == [1, 2, 3]
+    assert (tmp_path / "final" / "model.safetensors").is_file()
