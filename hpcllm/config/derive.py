@@ -115,12 +115,36 @@ def _compatibility(cfg: DictConfig) -> None:
             "with train.pipeline_parallel > 1 use zero=stage0 or stage1")
 
 
+def _alignment(cfg: DictConfig) -> None:
+    """Reward, DPO and PPO: which adapters apply, and where ZeRO-3's zero.Init cannot be used."""
+    method = cfg.method
+    if method.stage not in ("reward", "dpo", "ppo"):
+        return
+    if method.adapter == "ptuning":
+        raise ConfigError(f"method={method.name} trains with method.adapter=none, lora or freeze: "
+                          "P-tuning's prefixes do not reach the value head's decoder-only forward")
+    lora = method.adapter == "lora"
+    frozen_copies = ((method.stage == "dpo" and not lora and not method.dpo.precompute_reference)
+                     or (method.stage == "ppo" and (not lora or method.ppo.reward_model is not None)))
+    if frozen_copies and cfg.zero.stage == 3 and cfg.train.zero_init:
+        raise ConfigError(f"method={method.name} keeps frozen reference/reward models beside the engine, which "
+                          "zero.Init would partition: set train.zero_init=false (or method.adapter=lora, so the "
+                          "reference is the adapter-disabled policy)")
+    for name in ("actor", "critic", "reference", "reward"):
+        chosen = method.ppo[f"{name}_zero"]
+        if method.stage == "ppo" and chosen not in (None, cfg.zero.name):
+            raise ConfigError(f"method.ppo.{name}_zero={chosen} is not supported: actor and critic train under the "
+                              f"job's zero={cfg.zero.name}, the frozen reference/reward models are full replicas "
+                              f"per rank; leave method.ppo.{name}_zero=null")
+
+
 def derive(cfg: DictConfig) -> Derived:
     """Validate a composed job and compute the numbers every later step uses."""
     hw = cfg.hw
     if hw.nodes < 1 or hw.gpus_per_node < 1:
         raise ConfigError(f"hw.nodes={hw.nodes} and hw.gpus_per_node={hw.gpus_per_node} must be at least 1")
     _compatibility(cfg)
+    _alignment(cfg)
     world = hw.nodes * hw.gpus_per_node
     model_parallel = cfg.train.tensor_parallel * cfg.train.pipeline_parallel
     if world % model_parallel:

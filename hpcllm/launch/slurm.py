@@ -26,7 +26,7 @@ from string import Template
 
 import submitit
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from hpcllm.launch.job import PreparedJob, write_text_atomic
 from hpcllm.render.slurm import render_sbatch, slurm_parameters, submitit_folder

@@ -20,19 +20,17 @@ from hpcllm.models.build import build_model
 from hpcllm.stages.base import StageContext
 from hpcllm.stages.losses import dpo_loss, sequence_logprobs
 from hpcllm.stages.lm import build_policy
-from hpcllm.stages.reward import PreferenceStage, check_adapter, check_frozen_copies, stack_pairs
+from hpcllm.stages.reward import PreferenceStage, stack_pairs
 
 REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
 
 
 class DPOStage(PreferenceStage):
     def __init__(self, ctx: StageContext) -> None:
-        check_adapter(ctx)
         super().__init__(ctx)
         self.model = build_policy(ctx)
         self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
         self.uses_adapter_as_reference = ctx.cfg.method.adapter == "lora"
-        check_frozen_copies(ctx, not self.uses_adapter_as_reference and not ctx.cfg.method.dpo.precompute_reference)
         self.reference = None
         if not self.uses_adapter_as_reference and not ctx.cfg.method.dpo.precompute_reference:
             self.reference = build_model(ctx.cfg.model, precision=ctx.derived.precision,

@@ -48,8 +48,7 @@ from hpcllm.stages.base import Stage, StageContext
 from hpcllm.stages.lm import build_policy, open_dataset
 from hpcllm.stages.losses import (gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss,
                                   token_logprobs, whiten)
-from hpcllm.stages.reward import (check_adapter, check_frozen_copies, gathered_state_dict, lora_scaling,
-                                  write_atomically)
+from hpcllm.stages.reward import gathered_state_dict, lora_scaling, write_atomically
 
 PROBE_PROMPTS = 64
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "action_mask", "old_logprobs", "old_values", "advantages", "returns")
@@ -83,15 +82,8 @@ def response_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Te
 class PPOStage(Stage):
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        check_adapter(ctx)
         cfg, ppo = ctx.cfg, ctx.cfg.method.ppo
         self._check_sizes()
-        check_frozen_copies(ctx, cfg.method.adapter != "lora" or bool(ppo.reward_model))
-        for name in ("actor", "critic", "reference", "reward"):
-            if ppo[f"{name}_zero"] not in (None, cfg.zero.name):
-                raise ConfigError(f"method.ppo.{name}_zero={ppo[f'{name}_zero']} is not supported: the actor and "
-                                  f"critic train under the job's zero={cfg.zero.name} and the frozen reference/reward "
-                                  f"models are full replicas per rank (under ZeRO-3 with train.zero_init=false); leave method.ppo.{name}_zero=null")
         self.prompts = open_dataset(ctx, "train", ("prompt",))
         if self.prompts is None:
             raise ConfigError("data.train is not set: give a jsonl file of prompts or a memmap_gen prompt output")

@@ -9,27 +9,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from hpcllm.config import ConfigError
 from hpcllm.distributed import barrier
 from hpcllm.models.value_head import RewardModel, save_reward_model
 from hpcllm.stages.base import StageContext
 from hpcllm.stages.lm import MemmapStage, build_policy
 from hpcllm.stages.losses import reward_ranking_loss
-
-
-def check_adapter(ctx: StageContext) -> None:
-    if ctx.cfg.method.adapter == "ptuning":
-        raise ConfigError(f"method={ctx.cfg.method.name} trains with method.adapter=none, lora or freeze: "
-                          "P-tuning's prefixes do not reach the value head's decoder-only forward")
-
-
-def check_frozen_copies(ctx: StageContext, needed: bool) -> None:
-    """Frozen models live outside the DeepSpeed engine, so ZeRO-3's zero.Init build must not partition them."""
-    cfg = ctx.cfg
-    if needed and cfg.zero.stage == 3 and cfg.train.zero_init:
-        raise ConfigError(f"method={cfg.method.name} keeps frozen reference/reward models beside the engine, which "
-                          "zero.Init would partition: set train.zero_init=false (or method.adapter=lora, so the "
-                          "reference is the adapter-disabled policy)")
 
 
 def lora_scaling(ctx: StageContext) -> float | None:
@@ -80,7 +64,6 @@ class PreferenceStage(MemmapStage):
 
 class RewardStage(PreferenceStage):
     def __init__(self, ctx: StageContext) -> None:
-        check_adapter(ctx)
         super().__init__(ctx)
         self.model = RewardModel(build_policy(ctx))
         self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0

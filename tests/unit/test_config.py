@@ -123,3 +123,13 @@ def test_compatibility_rules():
 def test_ptuning_only_where_it_applies():
     with pytest.raises(ConfigError, match="ptuning"):
         derive(compose(["method=ptuning", "model.supports_ptuning=false"]))
+
+
+def test_alignment_rules_fail_at_composition():
+    with pytest.raises(ConfigError, match="method.adapter=none, lora or freeze"):
+        derive(compose(["method=dpo", "method.adapter=ptuning"]))
+    with pytest.raises(ConfigError, match="train.zero_init=false"):
+        derive(compose(["method=ppo", "zero=stage3"]))
+    derive(compose(["method=dpo", "zero=stage3", "method.adapter=lora"]))  # the reference is the base: fine
+    with pytest.raises(ConfigError, match="method.ppo.critic_zero"):
+        derive(compose(["method=ppo", "method.ppo.critic_zero=stage3_offload"]))
