@@ -101,7 +101,9 @@ def _executor(params: dict, run_dir: Path, max_requeue: int) -> submitit.SlurmEx
 def _submit_one(job: PreparedJob, dependency: str | None = None) -> submitit.Job:
     from hpcllm.launch.datasets import ensure_memmaps
 
-    ensure_memmaps(job.cfg, job.run_dir)
+    if dependency is None:
+        ensure_memmaps(job.cfg, job.run_dir)  # fail here, not in the queue; a later pipeline stage may
+        # need its predecessor's export (e.g. its tokenizer), so its rank 0 prepares the data when it starts
     params = dict(job.slurm_params)
     if dependency:
         # A stage whose predecessor failed is cancelled rather than left pending forever.

@@ -103,16 +103,21 @@ def test_sweep_runs_as_one_job_array(launch, tmp_path):
         assert (tmp_path / str(i) / "final" / "model.safetensors").exists()
 
 
-def test_pipeline_stages_wait_for_and_read_the_previous_stage(launch, tmp_path):
-    # reward/ppo are written elsewhere; pretrain -> sft exercises the same mechanics.
-    proc = launch(*TINY, "pipeline=pretrain_sft", "train.max_steps=4", f"hydra.run.dir={tmp_path}", "wait=true",
+def test_rlhf_pipeline_stages_wait_for_and_read_the_previous_stage(launch, tmp_path):
+    """SFT -> reward -> PPO: each job starts after the one before completed (afterok) and reads its export."""
+    proc = launch(*TINY, "pipeline=rlhf", "train.max_steps=4", f"hydra.run.dir={tmp_path}", "wait=true",
                   check=True)
-    first, second = job_ids(proc.stdout)
-    assert f"--dependency=afterok:{first}" in (tmp_path / "sft" / "job.sbatch").read_text()
-    assert f"path: {tmp_path}/pretrain/final" in (tmp_path / "sft" / "config.yaml").read_text()
-    (_, end), (start, _) = sacct(first, "Start,End"), sacct(second, "Start,End")
-    assert sacct(second) == ["COMPLETED"] and start >= end
-    assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
+    sft, reward, ppo = job_ids(proc.stdout)
+    assert f"--dependency=afterok:{sft}" in (tmp_path / "reward" / "job.sbatch").read_text()
+    assert f"--dependency=afterok:{reward}" in (tmp_path / "ppo" / "job.sbatch").read_text()
+    assert f"path: {tmp_path}/sft/final" in (tmp_path / "reward" / "config.yaml").read_text()
+    assert f"reward_model: {tmp_path}/reward/final" in (tmp_path / "ppo" / "config.yaml").read_text()
+    for earlier, later in ((sft, reward), (reward, ppo)):
+        (_, end), (start, _) = sacct(earlier, "Start,End"), sacct(later, "Start,End")
+        assert sacct(later) == ["COMPLETED"] and start >= end
+    assert (tmp_path / "reward" / "final" / "value_head.safetensors").exists()
+    assert '"mean_reward"' in (tmp_path / "ppo" / "metrics.jsonl").read_text()
+    assert (tmp_path / "ppo" / "final" / "model.safetensors").exists()
 
 
 def test_failing_job_is_not_requeued(launch, tmp_path):
