@@ -19,6 +19,7 @@ STEPS = 60
 SFT = ("method=sft", f"train.max_steps={STEPS}", "train.save_every=20", "train.eval_every=20",
        "data.eval_fraction=0.05", "method.seq_len=64")
 SHORT = ("train.max_steps=12", "method.seq_len=64")
+FREEZE = ("method=freeze", "wandb.enabled=true", *SHORT)  # also logs to wandb (offline: no network here)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def first_and_last_loss(run_dir):
 
 @pytest.mark.parametrize("method,extra", [
     ("sft", SFT), ("pretrain", ("method=pretrain", *SHORT)), ("lora", ("method=lora", *SHORT)),
-    ("freeze", ("method=freeze", *SHORT)), ("ptuning", ("method=ptuning", *SHORT))])
+    ("freeze", FREEZE), ("ptuning", ("method=ptuning", *SHORT))])
 def test_every_method_trains_and_the_loss_falls(runs, method, extra):
     run_dir = runs(method, *extra)
     first, last = first_and_last_loss(run_dir)
@@ -106,13 +107,19 @@ def test_lora_changes_only_the_adapter_and_exports_loadable(runs, tmp_path):
 
 
 def test_freeze_trains_only_the_last_layers(runs):
-    final = runs("freeze", "method=freeze", *SHORT) / "final"
+    final = runs("freeze", *FREEZE) / "final"
     trained, base = load_safetensors(final / "model.safetensors"), base_weights()
     layers = compose(["model=tiny_llama", "method=freeze"])
     first_trainable = layers.model.num_layers - layers.method.freeze.trainable_layers
     for name, value in trained.items():
         trainable = any(name.startswith(f"model.layers.{i}.") for i in range(first_trainable, 4))
         assert torch.equal(value, base[name]) != trainable, name
+
+
+def test_wandb_offline_run_is_written(runs):
+    run_dir = runs("freeze", *FREEZE)
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline and offline[0].stat().st_size > 0
 
 
 def test_ptuning_trains_only_the_prefix(runs):
