@@ -75,6 +75,7 @@ class Trainer:
         progress = tqdm(total=self.max_steps, initial=self.state["step"], unit="step", disable=not interactive)
         while self.state["step"] < self.max_steps:
             if self.stop.agreed():
+                progress.close()
                 self.save()
                 self.metrics.close()
                 return "stopped"
