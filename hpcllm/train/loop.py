@@ -17,7 +17,8 @@ from hpcllm.distributed import all_reduce
 from hpcllm.models.adapters import parameter_counts
 from hpcllm.stages.base import Stage, StageContext
 from hpcllm.train.checkpoint import COMPLETE, Checkpointer
-from hpcllm.train.metrics import MetricsLogger, peak_memory_gb, train_flops_per_token
+from hpcllm.plan.formulas import arch_of, flops_per_token
+from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
 from hpcllm.train.schedule import lr_scheduler_factory
 from hpcllm.train.stop import StopFlag
 
@@ -43,8 +44,8 @@ class Trainer:
         self.stop = StopFlag()
         self.state = {"step": 0, "eval_loss": None, "best_eval_loss": None, "best_checkpoint": None}
         self.trainable_params, self.total_params = parameter_counts(stage.model)
-        self.flops_per_token = train_flops_per_token(self.total_params, cfg.model.num_layers,
-                                                     cfg.model.hidden_size, cfg.method.seq_len)
+        # Model FLOPs (6N + 12LHS, active experts only) from the architecture numbers, as the estimate uses.
+        self.flops_per_token = flops_per_token(arch_of(cfg.model), cfg.method.seq_len)
         peak = cfg.hw.peak_tflops_fp32 if ctx.derived.precision == "fp32" else cfg.hw.peak_tflops_16bit
         self.peak_flops = peak * 1e12
         self._announce()

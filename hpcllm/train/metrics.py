@@ -11,12 +11,6 @@ from tqdm import tqdm
 from omegaconf import DictConfig, OmegaConf
 
 
-def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward 2N, backward 4N) plus attention
-    scores 12 * L * H * S (PaLM, Chowdhery et al. 2022, appendix B)."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
-
-
 def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
