@@ -5,7 +5,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -66,18 +66,32 @@ class Stage:
 
     def export(self, engine, out_dir: Path) -> None:
         """Write a Hugging Face directory (gathered weights under ZeRO-3), atomically."""
-        module = engine.module
-        state_dict = engine._zero3_consolidated_16bit_state_dict() if self.ctx.cfg.zero.stage == 3 else None
-        if self.ctx.dist.is_main:
-            tmp = out_dir.with_name(out_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
+        module, state_dict = engine.module, self.gathered_state_dict(engine)
+
+        def write(tmp: Path) -> None:
             base = base_model_dir(self.ctx.run_dir)
             if hasattr(module, "peft_config") and base.is_dir():
                 # An adapter over random base weights: ship the base inside the export and point at it.
                 shutil.copytree(base, tmp / "base")
                 for config in module.peft_config.values():
                     config.base_model_name_or_path = str(out_dir / "base")
-            module.save_pretrained(tmp, state_dict=state_dict if state_dict is not None else module.state_dict())
+            module.save_pretrained(tmp, state_dict=state_dict)
+
+        self.write_export(out_dir, write)
+
+    def gathered_state_dict(self, engine) -> dict | None:
+        """The whole model's state dict on the main rank (gathered from every rank under ZeRO-3; collective)."""
+        if self.ctx.cfg.zero.stage == 3:
+            return engine._zero3_consolidated_16bit_state_dict()
+        return engine.module.state_dict() if self.ctx.dist.is_main else None
+
+    def write_export(self, out_dir: Path, write: Callable[[Path], None]) -> None:
+        """Main rank: ``write(tmp)``, the run's tokenizer/config beside it, then rename to ``out_dir``."""
+        if self.ctx.dist.is_main:
+            tmp = out_dir.with_name(out_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write(tmp)
             self.save_extras(tmp)
             shutil.rmtree(out_dir, ignore_errors=True)
             tmp.rename(out_dir)

@@ -48,7 +48,7 @@ from hpcllm.stages.base import Stage, StageContext
 from hpcllm.stages.lm import build_policy, open_dataset
 from hpcllm.stages.losses import (gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss,
                                   token_logprobs, whiten)
-from hpcllm.stages.reward import gathered_state_dict, lora_scaling, write_atomically
+from hpcllm.stages.reward import lora_scaling
 
 PROBE_PROMPTS = 64
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "action_mask", "old_logprobs", "old_values", "advantages", "returns")
@@ -182,7 +182,7 @@ class PPOStage(Stage):
     def export(self, engine, out_dir: Path) -> None:
         """``final/``: the actor as a Hugging Face causal LM (LoRA merged); ``final/critic/``: the critic as a
         reward-model directory (``load_reward_model``)."""
-        state_dict = gathered_state_dict(self.ctx, engine)
+        state_dict = self.gathered_state_dict(engine)
         scaling = lora_scaling(self.ctx)
 
         def write(tmp: Path) -> None:
@@ -190,7 +190,7 @@ class PPOStage(Stage):
             save_causal_lm(module.actor, plain_state_dict(state_dict, "actor.", scaling), tmp)
             save_reward_model(module.critic, state_dict, tmp / "critic", scaling, prefix="critic.")
 
-        write_atomically(self, out_dir, write)
+        self.write_export(out_dir, write)
 
     # -- rollouts -------------------------------------------------------------------------------
     def _prompt_batch(self, rollout_index: int, rank: int, world: int, rows: int) -> dict:

@@ -2,14 +2,11 @@
 (``reward_ranking_loss``), the reward read at each response's last non-padding token."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from hpcllm.distributed import barrier
 from hpcllm.models.value_head import RewardModel, save_reward_model
 from hpcllm.stages.base import StageContext
 from hpcllm.stages.lm import MemmapStage, build_policy
@@ -31,26 +28,6 @@ def stack_pairs(batch: dict, pad_token_id: int) -> dict:
     pads = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
     return {key: torch.cat([pad_to(batch[f"{side}_{key}"], width, pad) for side in ("chosen", "rejected")])
             for key, pad in pads.items()}
-
-
-def gathered_state_dict(ctx: StageContext, engine) -> dict | None:
-    """The whole model's state dict on the main rank (gathered from every rank under ZeRO-3)."""
-    if ctx.cfg.zero.stage == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict() if ctx.dist.is_main else None
-
-
-def write_atomically(stage, out_dir: Path, write: Callable[[Path], None]) -> None:
-    """Main rank: ``write(tmp)``, the run's tokenizer/config beside it, then rename to ``out_dir``."""
-    if stage.ctx.dist.is_main:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write(tmp)
-        stage.save_extras(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    barrier()
 
 
 class PreferenceStage(MemmapStage):
@@ -76,6 +53,6 @@ class RewardStage(PreferenceStage):
 
     def export(self, engine, out_dir: Path) -> None:
         """A reward-model directory (merged backbone + value_head.safetensors): ``load_reward_model(out_dir)``."""
-        state_dict = gathered_state_dict(self.ctx, engine)
-        write_atomically(self, out_dir, lambda tmp: save_reward_model(
+        state_dict = self.gathered_state_dict(engine)
+        self.write_export(out_dir, lambda tmp: save_reward_model(
             engine.module, state_dict, tmp, lora_scaling(self.ctx)))
