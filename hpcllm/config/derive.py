@@ -116,26 +116,21 @@ def _compatibility(cfg: DictConfig) -> None:
 
 
 def _alignment(cfg: DictConfig) -> None:
-    """Reward, DPO and PPO: which adapters apply, and where ZeRO-3's zero.Init cannot be used."""
+    """Reward, DPO and PPO: which adapters apply, and each model's ZeRO profile."""
+    from hpcllm.config.profiles import model_zero
+
     method = cfg.method
     if method.stage not in ("reward", "dpo", "ppo"):
         return
     if method.adapter == "ptuning":
         raise ConfigError(f"method={method.name} trains with method.adapter=none, lora or freeze: "
                           "P-tuning's prefixes do not reach the value head's decoder-only forward")
-    lora = method.adapter == "lora"
-    frozen_copies = ((method.stage == "dpo" and not lora and not method.dpo.precompute_reference)
-                     or (method.stage == "ppo" and (not lora or method.ppo.reward_model is not None)))
-    if frozen_copies and cfg.zero.stage == 3 and cfg.train.zero_init:
-        raise ConfigError(f"method={method.name} keeps frozen reference/reward models beside the engine, which "
-                          "zero.Init would partition: set train.zero_init=false (or method.adapter=lora, so the "
-                          "reference is the adapter-disabled policy)")
-    for name in ("actor", "critic", "reference", "reward"):
-        chosen = method.ppo[f"{name}_zero"]
-        if method.stage == "ppo" and chosen not in (None, cfg.zero.name):
-            raise ConfigError(f"method.ppo.{name}_zero={chosen} is not supported: actor and critic train under the "
-                              f"job's zero={cfg.zero.name}, the frozen reference/reward models are full replicas "
-                              f"per rank; leave method.ppo.{name}_zero=null")
+    actor = method.ppo.actor_zero
+    if method.stage == "ppo" and actor not in (None, cfg.zero.name):
+        raise ConfigError(f"method.ppo.actor_zero={actor}: the actor is the job's trained model and uses the "
+                          f"job's zero={cfg.zero.name}; set zero={actor} instead (and leave actor_zero=null)")
+    for role in ("critic", "reference", "reward"):
+        model_zero(cfg, role)  # an unknown preset name fails here, naming its key
 
 
 def derive(cfg: DictConfig) -> Derived:

@@ -78,6 +78,7 @@ class DpoConfig:
     loss: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0
     precompute_reference: bool = False
+    reference_zero: Optional[str] = None  # conf/zero preset of the frozen reference; None = the job's zero
 
 
 @dataclass
@@ -96,7 +97,9 @@ class PpoConfig:
     critic_lr: float = 5e-6
     reward_model: Optional[str] = None  # exported reward model dir; None = reward from the toy target
     target_token: Optional[str] = None  # toy reward: fraction of generated tokens equal to this token
-    actor_zero: Optional[str] = None  # per-model ZeRO profile names; None = the job's zero
+    # Per-model conf/zero preset names; None = the job's zero. The actor is the job's trained model:
+    # its profile is the job's zero= (actor_zero may only repeat it).
+    actor_zero: Optional[str] = None
     critic_zero: Optional[str] = None
     reference_zero: Optional[str] = None
     reward_zero: Optional[str] = None

@@ -7,6 +7,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from hpcllm.config.profiles import describe_extra_models
 from hpcllm.launch.datasets import memmap_paths
 from hpcllm.launch.job import PreparedJob
 
@@ -46,8 +47,10 @@ def show(job: PreparedJob) -> None:
     print(f"[dry run] {job.cfg.model.name} / {job.cfg.method.name} / {job.cfg.hw.name} x{job.cfg.hw.nodes} / "
           f"{job.cfg.zero.name}: world {d.world_size}, global batch {d.global_batch_size} = micro "
           f"{job.cfg.method.micro_batch_size} x dp {d.data_parallel_size} x accum {d.grad_accum_steps}, {d.precision}")
-    for name in ("config.yaml", "ds_config.json", "job.sbatch", "estimate.json"):
-        path = job.run_dir / name
+    for line in describe_extra_models(job.cfg):
+        print(f"  {line}")
+    for path in [job.run_dir / "config.yaml", *sorted(job.run_dir.glob("ds_config*.json")),
+                 job.run_dir / "job.sbatch", job.run_dir / "estimate.json"]:
         if path.exists():
             print(f"  {path}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from hpcllm.config import Derived, JobConfig, derive
-from hpcllm.render.deepspeed import render_ds_config
+from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
 
 
@@ -27,14 +27,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
-    """Validate the composed job and write config.yaml, ds_config.json and job.sbatch into run_dir."""
+    """Validate the composed job and write config.yaml, ds_config*.json and job.sbatch into run_dir."""
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    ds_config = render_ds_config(cfg, derived)
-    write_text_atomic(run_dir / "ds_config.json", json.dumps(ds_config, indent=2) + "\n")
+    for name, ds_config in render_ds_configs(cfg, derived).items():
+        write_text_atomic(run_dir / name, json.dumps(ds_config, indent=2) + "\n")
     params = slurm_parameters(cfg, derived, str(run_dir))
     write_text_atomic(run_dir / "job.sbatch", render_sbatch(params, str(run_dir)))
     return PreparedJob(cfg, derived, run_dir, params)

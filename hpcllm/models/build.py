@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -97,3 +97,23 @@ def zero3_init_context(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
+
+
+@contextmanager
+def building_under(ds_config: dict | None):
+    """Models created inside are built under ``deepspeed.zero.Init`` for ``ds_config`` (a ZeRO-3 config),
+    or plainly for None, whatever the job's own setting; the job's setting is restored on exit.
+
+    transformers reads one process-wide DeepSpeed config (a weak reference set by HfDeepSpeedConfig):
+    PPO's models may each have their own profile, so it is swapped while one of them is built."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    previous = hf_deepspeed._hf_deepspeed_config_weak_ref
+    current = HfDeepSpeedConfig(ds_config) if ds_config is not None else None  # noqa: F841 (kept alive)
+    if current is None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = previous

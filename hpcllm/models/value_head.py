@@ -27,7 +27,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    """``values(...)``: one scalar per position; ``forward(...)``: the value at each row's last token."""
+    """``values(...)`` (or ``forward(..., per_token=True)``): one scalar per position; ``forward(...)``: the
+    value at each row's last token."""
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -44,8 +45,10 @@ class RewardModel(nn.Module):
                          position_ids=position_ids(attention_mask)).last_hidden_state
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         values = self.values(input_ids, attention_mask)
+        if per_token:
+            return values
         return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
 

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig
 
 from hpcllm.config import Derived
+from hpcllm.config.profiles import describe_extra_models, extra_models
 from hpcllm.plan import formulas as F
 from hpcllm.plan.formulas import GIB
 
@@ -139,11 +140,12 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
                   offload_optimizer=zero.offload_optimizer, offload_param=zero.offload_param,
                   largest_module=largest, load_bytes=p, zero_init=zero_init)
 
-    # Which models are resident: the trained one, and per stage the extra ones.
+    # Which models are resident: the trained one, and per stage the extra ones, each under its own profile.
     stage_name = method.stage
     trained_total, trained_trainable = tr.total, tr.trainable
-    frozen_totals: List[int] = []
-    extra_trained: List[int] = []
+    extra = extra_models(cfg)
+    sizes = {"critic": _value_model_params(arch), "reward": _value_model_params(arch),
+             "reference": F.count_params(arch)}
     seq = method.seq_len
     pairs = 1
     lm_head = True
@@ -154,13 +156,11 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
             trained_trainable = trained_total
     elif stage_name == "dpo":
         pairs = 2
-        if not method.dpo.precompute_reference:
-            frozen_totals.append(F.count_params(arch))
     elif stage_name == "ppo":
         seq = method.seq_len + method.ppo.max_new_tokens
-        extra_trained.append(_value_model_params(arch))  # critic
-        frozen_totals += [F.count_params(arch), _value_model_params(arch)]  # reference, reward
-        notes.append("ppo: actor, critic, reference and reward models all use zero=" + zero.name)
+    extra_trained = [(sizes[role], z) for role, (z, trained) in extra.items() if trained]
+    frozen_totals = [(sizes[role], z) for role, (z, trained) in extra.items() if not trained]
+    notes += [f"{stage_name}: {line}" for line in describe_extra_models(cfg)]
 
     if stage_name == "eval":
         states = F.ModelStates(parameters=F.frozen_model_bytes(trained_total, p=p, stage=stage, dp=dp,
@@ -169,13 +169,14 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
         trainable_for_buckets = trained_trainable = 0
     else:
         states = F.model_states(trained_total, trained_trainable, **common)
-        for n in extra_trained:
-            s = F.model_states(n, n, **common)
+        for n, z in extra_trained:
+            s = F.model_states(n, n, **dict(common, stage=z.stage, offload_optimizer=z.offload_optimizer,
+                                            offload_param=z.offload_param))
             states = F.ModelStates(states.parameters + s.parameters, states.gradients + s.gradients,
                                    states.optimizer + s.optimizer, states.cpu + s.cpu)
         trainable_for_buckets = trained_trainable
-    frozen = sum(F.frozen_model_bytes(n, p=p, stage=stage, dp=dp, offload_param=zero.offload_param)
-                 for n in frozen_totals)
+    frozen = sum(F.frozen_model_bytes(n, p=p, stage=z.stage, dp=dp, offload_param=z.offload_param)
+                 for n, z in frozen_totals)
 
     tokens = micro_batch * seq * pairs
     attention = train.attention
@@ -210,9 +211,13 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
         "context": context,
     }
     gpu["fragmentation"] = F.fragmentation_bytes(sum(v for k, v in gpu.items() if k != "context"))
-    if stage == 3 and not zero_init:
+    # Models under a ZeRO-3 profile built without zero.Init pass whole through the GPU one at a time,
+    # each as its engine is created.
+    loaded_whole = ([trained_total] if stage == 3 else []) + [n for n, z in extra_trained + frozen_totals
+                                                              if z.stage == 3]
+    if loaded_whole and not zero_init:
         # Reported as what the load peak adds above the training peak, so the terms still sum to the peak.
-        load = F.zero3_load_peak_bytes(trained_total + sum(extra_trained) + sum(frozen_totals), p=p) + context
+        load = F.zero3_load_peak_bytes(max(loaded_whole), p=p) + context
         gpu["zero3_load"] = max(0, load - sum(gpu.values()))
         if gpu["zero3_load"]:
             notes.append("zero3_load: the whole model passes through each GPU before ZeRO-3 partitions it "

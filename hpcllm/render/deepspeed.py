@@ -1,7 +1,14 @@
-"""config -> ds_config.json (pure).
+"""config -> ds_config.json, and one ds_config_<role>.json per extra model of PPO/DPO (pure).
 
 The LR schedule is not rendered here: the training loop owns it (warmup + cosine/linear
 decay from the method config) and DeepSpeed checkpoints it as the client scheduler.
+
+Extra models: PPO's critic trains in an engine of its own (``ds_config_critic.json``, the job's
+config with the critic's ZeRO profile). A frozen model (DPO/PPO reference, PPO reward) has no
+optimizer, gradients or optimizer state, so ZeRO stages 1-2 have nothing to partition for it: under
+a stage-3 profile it gets an optimizer-less engine (``ds_config_<role>.json``, parameters partitioned
+and optionally offloaded, as DeepSpeed-Chat serves its reference and reward models); under any
+other profile it is a plain replica on every rank and has no DeepSpeed config.
 """
 from __future__ import annotations
 
@@ -41,9 +48,11 @@ def _zero_section(zero: DictConfig) -> dict:
     return section
 
 
-def render_ds_config(cfg: DictConfig, derived: Derived) -> dict:
-    """A complete DeepSpeed config for the job (optimizer, batch sizes, precision, ZeRO)."""
-    method = cfg.method
+def render_ds_config(cfg: DictConfig, derived: Derived, zero: DictConfig | None = None) -> dict:
+    """A complete DeepSpeed config for the job (optimizer, batch sizes, precision, ZeRO).
+
+    ``zero``: another model's ZeRO profile in place of the job's (PPO's critic)."""
+    method, zero = cfg.method, zero if zero is not None else cfg.zero
     on_cpu = cfg.hw.accelerator == "cpu"
     adam = {
         "lr": method.lr,
@@ -51,7 +60,7 @@ def render_ds_config(cfg: DictConfig, derived: Derived) -> dict:
         "eps": 1e-8,
         "weight_decay": method.weight_decay,
     }
-    if on_cpu and not cfg.zero.offload_optimizer:
+    if on_cpu and not zero.offload_optimizer:
         # DeepSpeed's fused Adam is a CUDA kernel; torch's AdamW is the CPU equivalent.
         adam["torch_adam"] = True
     return {
@@ -69,9 +78,35 @@ def render_ds_config(cfg: DictConfig, derived: Derived) -> dict:
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
-        "zero_optimization": _zero_section(cfg.zero),
+        "zero_optimization": _zero_section(zero),
         "activation_checkpointing": {"partition_activations": False},
         "steps_per_print": 2**31 - 1,  # hpcllm logs metrics itself
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+
+
+def render_frozen_ds_config(cfg: DictConfig, derived: Derived, zero: DictConfig) -> dict:
+    """An optimizer-less ZeRO-3 engine's config for a frozen model: partitioned parameters, offloaded
+    to the CPU where the profile offloads parameters."""
+    assert zero.stage == 3, "frozen models under ZeRO stages 0-2 are replicas without a DeepSpeed config"
+    config = render_ds_config(cfg, derived, zero)
+    del config["optimizer"], config["gradient_clipping"]
+    config["zero_optimization"].pop("offload_optimizer", None)
+    return config
+
+
+def render_ds_configs(cfg: DictConfig, derived: Derived) -> dict:
+    """file name -> DeepSpeed config, for every engine the job builds (see the module docstring)."""
+    from hpcllm.config.profiles import model_zero
+
+    configs = {"ds_config.json": render_ds_config(cfg, derived)}
+    stage = cfg.method.stage
+    if stage == "ppo":
+        configs["ds_config_critic.json"] = render_ds_config(cfg, derived, model_zero(cfg, "critic"))
+    frozen = {"ppo": ("reference", "reward"), "dpo": ("reference",)}.get(stage, ())
+    for role in frozen:
+        zero = model_zero(cfg, role)
+        if zero.stage == 3:
+            configs[f"ds_config_{role}.json"] = render_frozen_ds_config(cfg, derived, zero)
+    return configs

@@ -1,6 +1,7 @@
 """What every stage gives the one training loop: a model, batches and a loss (plus how to export)."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from omegaconf import DictConfig
 
 from hpcllm.config import Derived
 from hpcllm.distributed import DistEnv, barrier
-from hpcllm.models.build import base_model_dir
+from hpcllm.models.build import base_model_dir, building_under
 
 
 @dataclass
@@ -34,13 +35,36 @@ class Stage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
 
-    def bind(self, engine) -> None:
-        """Called once the DeepSpeed engine exists (stages that generate with it keep it)."""
-        self.engine = engine
+    def bind(self, engine, extra_engines: dict | None = None) -> None:
+        """Called once the DeepSpeed engines exist (stages that generate with them keep them)."""
+        self.engine, self.extra_engines = engine, extra_engines or {}
 
     def trainable_parameters(self) -> list:
         """Parameters (or param-group dicts with their own lr) the optimizer updates."""
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def extra_trained(self) -> dict:
+        """name -> (module, parameters) of models trained beside ``model``, each in a DeepSpeed engine of
+        its own configured by ``run_dir/ds_config_<name>.json`` (PPO's critic). ``loss`` then returns a
+        dict of losses, one per engine ("model" for the main one)."""
+        return {}
+
+    def frozen_model(self, role: str, build: Callable[[], torch.nn.Module]):
+        """A forward-only model (reference, reward): ``build()`` under ``role``'s ZeRO profile, partitioned
+        in an optimizer-less engine where that profile is stage 3 (see hpcllm/render/deepspeed.py)."""
+        from hpcllm.train.engines import frozen_engine
+
+        path = self.ctx.run_dir / f"ds_config_{role}.json"
+        ds_config = json.loads(path.read_text()) if path.is_file() else None
+        with building_under(ds_config if ds_config is not None and self.ctx.cfg.train.zero_init else None):
+            model = build()
+        return frozen_engine(model, ds_config, name=role)
+
+    def building(self, role: str):
+        """The context to build extra trained model ``role`` in: partitioned as created if its profile is ZeRO-3."""
+        ds_config = json.loads((self.ctx.run_dir / f"ds_config_{role}.json").read_text())
+        partitioned = ds_config["zero_optimization"]["stage"] == 3 and self.ctx.cfg.train.zero_init
+        return building_under(ds_config if partitioned else None)
 
     def samples_per_epoch(self) -> int:
         raise NotImplementedError
@@ -81,7 +105,7 @@ class Stage:
 
     def gathered_state_dict(self, engine) -> dict | None:
         """The whole model's state dict on the main rank (gathered from every rank under ZeRO-3; collective)."""
-        if self.ctx.cfg.zero.stage == 3:
+        if engine.zero_optimization_partition_weights():
             return engine._zero3_consolidated_16bit_state_dict()
         return engine.module.state_dict() if self.ctx.dist.is_main else None
 
@@ -101,7 +125,7 @@ class Stage:
         """Tokenizer, resolved config and rendered job beside the weights, so the export reproduces."""
         if self.ctx.tokenizer is not None:
             self.ctx.tokenizer.save_pretrained(out_dir)
-        for name in ("config.yaml", "job.sbatch", "ds_config.json"):
-            src = self.ctx.run_dir / name
+        for src in [self.ctx.run_dir / "config.yaml", self.ctx.run_dir / "job.sbatch",
+                    *sorted(self.ctx.run_dir.glob("ds_config*.json"))]:
             if src.exists():
-                shutil.copy(src, out_dir / f"hpcllm_{name}")
+                shutil.copy(src, out_dir / f"hpcllm_{src.name}")

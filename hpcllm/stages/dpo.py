@@ -1,8 +1,9 @@
 """DPO (and IPO, hinge): a policy trained on chosen/rejected pairs against a frozen reference.
 
 The reference is the starting model: with method.adapter=lora it is the policy with its adapter
-disabled (one model copy in memory); otherwise a frozen copy, a full replica on every rank (not
-partitioned under ZeRO-3). With method.dpo.precompute_reference=true a pre-pass computes the
+disabled (one model copy in memory); otherwise a frozen copy under method.dpo.reference_zero (default
+the job's zero): partitioned over the ranks in an optimizer-less engine under a ZeRO-3 profile, a
+full replica on every rank under any other. With method.dpo.precompute_reference=true a pre-pass computes the
 reference log-probabilities of every row once, before the first step, and stores them in
 ``run_dir/data/<split>_reference_logps.npy`` (beside the run's memmaps; a resumed run reuses
 them), so training runs the policy only.
@@ -16,10 +17,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from hpcllm.models.build import build_model
 from hpcllm.stages.base import StageContext
 from hpcllm.stages.losses import dpo_loss, sequence_logprobs
-from hpcllm.stages.lm import build_policy
+from hpcllm.stages.lm import build_policy, build_reference
 from hpcllm.stages.reward import PreferenceStage, stack_pairs
 
 REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
@@ -28,23 +28,15 @@ REFERENCE_KEYS = ("reference_chosen", "reference_rejected")
 class DPOStage(PreferenceStage):
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        self.model = build_policy(ctx)
-        self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
         self.uses_adapter_as_reference = ctx.cfg.method.adapter == "lora"
-        self.reference = None
-        if not self.uses_adapter_as_reference and not ctx.cfg.method.dpo.precompute_reference:
-            self.reference = build_model(ctx.cfg.model, precision=ctx.derived.precision,
-                                         attention=ctx.cfg.train.attention, seed=ctx.cfg.seed, tokenizer=ctx.tokenizer)
-            vocab = self.model.get_input_embeddings().weight.shape[0]
-            if self.reference.get_input_embeddings().weight.shape[0] != vocab:
-                self.reference.resize_token_embeddings(vocab)
-            self.reference.requires_grad_(False).eval()
+        needs_copy = not self.uses_adapter_as_reference and not ctx.cfg.method.dpo.precompute_reference
+        self.model = build_policy(ctx, keep_start=needs_copy)
+        self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
+        self.reference = self.frozen_model("reference", lambda: build_reference(ctx)) if needs_copy else None
         self.precomputed: dict = {}
 
-    def bind(self, engine) -> None:
-        super().bind(engine)
-        if self.reference is not None:
-            self.reference.to(engine.device)
+    def bind(self, engine, extra_engines: dict | None = None) -> None:
+        super().bind(engine, extra_engines)
         if self.ctx.cfg.method.dpo.precompute_reference:
             # Called before a checkpoint is loaded: engine.module still holds the starting weights.
             for split, ds in (("train", self.train_ds), ("eval", self.eval_ds)):

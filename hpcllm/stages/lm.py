@@ -5,32 +5,49 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+from omegaconf import OmegaConf
+
 from hpcllm.config import ConfigError
 from hpcllm.data import MemmapDataset, iter_batches, tokenizer_hash
 from hpcllm.models.adapters import apply_adapter
-from hpcllm.models.build import build_model, save_base_model
+from hpcllm.models.build import base_model_dir, build_model, save_base_model
 from hpcllm.stages.base import Stage, StageContext
 
 LM_KEYS = ("input_ids", "attention_mask", "labels")
 
 
-def build_policy(ctx: StageContext):
-    """The causal LM every stage starts from: weights, gradient checkpointing, adapter."""
+def build_policy(ctx: StageContext, keep_start: bool = False):
+    """The causal LM every stage starts from: weights, gradient checkpointing, adapter.
+
+    ``keep_start``: a frozen reference will need these starting weights again (DPO, PPO): unless
+    ``model.path`` holds them as they are, they are saved to ``run_dir/base_model`` once."""
     cfg = ctx.cfg
     model = build_model(cfg.model, precision=ctx.derived.precision, attention=cfg.train.attention,
                         seed=cfg.seed, tokenizer=ctx.tokenizer)
     if ctx.tokenizer is not None and len(ctx.tokenizer) > cfg.model.vocab_size and not cfg.model.path:
         raise ConfigError(f"the tokenizer has {len(ctx.tokenizer)} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
-    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().num_embeddings:
+    resized = ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().num_embeddings
+    if resized:
         model.resize_token_embeddings(len(ctx.tokenizer))  # e.g. a vocabulary extended with Chinese tokens
-    if cfg.method.adapter in ("lora", "ptuning") and not cfg.model.path:
-        # The frozen base of an adapter run, saved once so the exported adapter has weights to load onto.
+    adapter_base = cfg.method.adapter in ("lora", "ptuning") and not cfg.model.path
+    if adapter_base or (keep_start and (not cfg.model.path or resized)):
+        # The frozen base of an adapter run (the exported adapter needs weights to load onto), or the
+        # starting weights a frozen reference copies.
         save_base_model(model, ctx)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return apply_adapter(model, cfg.method, cfg.model)
+
+
+def build_reference(ctx: StageContext):
+    """A new copy of the starting model (``build_policy(ctx, keep_start=True)`` ran first): ``model.path``,
+    or the starting weights saved in ``run_dir/base_model``."""
+    base = base_model_dir(ctx.run_dir)
+    model = OmegaConf.merge(ctx.cfg.model, {"path": str(base)}) if base.is_dir() else ctx.cfg.model
+    return build_model(model, precision=ctx.derived.precision, attention=ctx.cfg.train.attention,
+                       seed=ctx.cfg.seed, tokenizer=ctx.tokenizer)
 
 
 def open_dataset(ctx: StageContext, split: str, kinds: tuple[str, ...]) -> MemmapDataset | None:

@@ -1,21 +1,22 @@
 """PPO (RLHF): an actor and a critic trained on rollouts generated from prompts.
 
-How it fits the one loop: ``self.model`` is an ``ActorCritic`` module (actor = the SFT policy,
-critic = the reward model's backbone and head, or a copy of the actor's starting backbone with a
-new value head), trained by the loop's one DeepSpeed engine with two optimizer param groups
-(actor at method.lr, critic at method.ppo.critic_lr) under the job's ZeRO profile. The stage's
-``train_batches`` is where RL happens: for rollout k it takes ``rollout_batch_size`` prompts (all
-ranks together), samples responses with the engine's actor, scores them (reward model or toy
-reward), adds the per-token KL penalty against the frozen reference, computes GAE advantages and
-returns, then yields ``ppo_epochs`` shuffled passes of micro batches over that experience; the
-loop runs each micro batch's clipped policy + value loss (+ ptx) as it does any stage's loss.
-One rollout is always a whole number of optimizer steps.
+How it fits the one loop: ``self.model`` is the actor (the SFT policy), trained by the loop's
+engine under the job's ``zero=`` at method.lr. The critic (the reward model's backbone and head, or
+a copy of the actor's starting backbone with a new value head) is an extra trained model: the loop
+gives it an engine of its own under ``method.ppo.critic_zero`` (default the job's zero) at
+method.ppo.critic_lr, checkpoints it beside the actor, and steps it with the value loss that
+``loss`` returns for it. The stage's ``train_batches`` is where RL happens: for rollout k it takes
+``rollout_batch_size`` prompts (all ranks together), samples responses with the actor, scores them
+(reward model or toy reward), adds the per-token KL penalty against the frozen reference, computes
+GAE advantages and returns, then yields ``ppo_epochs`` shuffled passes of micro batches over that
+experience; the loop runs each micro batch's clipped policy (+ ptx) and value losses as it does any
+stage's loss. One rollout is always a whole number of optimizer steps.
 
 Frozen models (no optimizer): the reference is the actor with its adapter disabled under
-method.adapter=lora, else a frozen copy of the starting model; the reward model is
-``load_reward_model(method.ppo.reward_model)``. Both are full replicas on every rank: the per-model
-ZeRO profiles (method.ppo.*_zero) other than the job's own are refused, not honoured; under ZeRO-3
-they need train.zero_init=false (zero.Init would partition them outside the engine).
+method.adapter=lora, else a copy of the starting model under ``method.ppo.reference_zero``; the
+reward model is ``load_reward_model(method.ppo.reward_model)`` under ``method.ppo.reward_zero``.
+Under a ZeRO-3 profile a frozen model is partitioned over the ranks in an optimizer-less engine
+(parameters offloaded to the CPU with stage3_offload); under any other it is a replica per rank.
 
 Toy reward (no method.ppo.reward_model): the fraction of generated tokens equal to
 method.ppo.target_token. Left null, the target is the ordinary (non-special) token with the highest
@@ -41,11 +42,11 @@ from transformers import GenerationConfig
 from hpcllm.config import ConfigError
 from hpcllm.data import iter_batches
 from hpcllm.models.adapters import apply_adapter
-from hpcllm.models.build import DTYPES, build_model
+from hpcllm.models.build import DTYPES
 from hpcllm.models.value_head import (RewardModel, load_reward_model, plain_state_dict, position_ids,
                                       save_causal_lm, save_reward_model)
 from hpcllm.stages.base import Stage, StageContext
-from hpcllm.stages.lm import build_policy, open_dataset
+from hpcllm.stages.lm import build_policy, build_reference, open_dataset
 from hpcllm.stages.losses import (gae, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss,
                                   token_logprobs, whiten)
 from hpcllm.stages.reward import lora_scaling
@@ -54,21 +55,20 @@ PROBE_PROMPTS = 64
 EXPERIENCE_KEYS = ("input_ids", "attention_mask", "action_mask", "old_logprobs", "old_values", "advantages", "returns")
 
 
-class ActorCritic(nn.Module):
-    """The two trained models under one engine; ``forward`` gives the actor's logits and the critic's values."""
+class Actor(nn.Module):
+    """The policy, with the pretraining (ptx) loss in the same forward so one engine call serves both."""
 
-    def __init__(self, actor: nn.Module, critic: RewardModel) -> None:
+    def __init__(self, actor: nn.Module) -> None:
         super().__init__()
-        self.actor, self.critic = actor, critic
+        self.actor = actor
 
     def forward(self, input_ids, attention_mask, ptx_input_ids=None, ptx_attention_mask=None, ptx_labels=None):
         logits = self.actor(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids(attention_mask)).logits
-        values = self.critic.values(input_ids, attention_mask)
         ptx_loss = None
         if ptx_input_ids is not None:
             ptx_loss = self.actor(input_ids=ptx_input_ids, attention_mask=ptx_attention_mask, labels=ptx_labels).loss
-        return logits, values, ptx_loss
+        return logits, ptx_loss
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -93,24 +93,22 @@ class PPOStage(Stage):
         self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
         self.eos_token_id = ctx.tokenizer.eos_token_id if ctx.tokenizer is not None else None
 
-        actor = build_policy(ctx)
+        lora = cfg.method.adapter == "lora"
+        self.model = Actor(build_policy(ctx, keep_start=not lora))
         dtype = DTYPES[ctx.derived.precision]
+        with self.building("critic"):
+            if ppo.reward_model:
+                critic = load_reward_model(ppo.reward_model, dtype, cfg.train.attention).train()
+                critic.backbone = apply_adapter(critic.backbone, cfg.method, cfg.model)
+            else:
+                critic = RewardModel(build_policy(ctx))
+        self.critic = critic
+        self.reward_model = None
         if ppo.reward_model:
-            self.reward_model = load_reward_model(ppo.reward_model, dtype, cfg.train.attention).requires_grad_(False)
-            critic = load_reward_model(ppo.reward_model, dtype, cfg.train.attention).train()
-            critic.backbone = apply_adapter(critic.backbone, cfg.method, cfg.model)
-        else:
-            self.reward_model = None
-            critic = RewardModel(build_policy(ctx))
-        self.model = ActorCritic(actor, critic)
-        self.reference = None
-        if cfg.method.adapter != "lora":
-            self.reference = build_model(cfg.model, precision=ctx.derived.precision, attention=cfg.train.attention,
-                                         seed=cfg.seed, tokenizer=ctx.tokenizer)
-            vocab = actor.get_input_embeddings().weight.shape[0]
-            if self.reference.get_input_embeddings().weight.shape[0] != vocab:
-                self.reference.resize_token_embeddings(vocab)
-            self.reference.requires_grad_(False).eval()
+            self.reward_model = self.frozen_model(
+                "reward", lambda: load_reward_model(ppo.reward_model, dtype, cfg.train.attention))
+        # Under LoRA the reference is the actor with its adapter disabled.
+        self.reference = None if lora else self.frozen_model("reference", lambda: build_reference(ctx))
         self.generation = GenerationConfig(
             do_sample=True, max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
             top_p=1.0, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
@@ -132,19 +130,16 @@ class PPOStage(Stage):
                 "ppo_epochs x rollout_batch_size a multiple of method.global_batch_size")
 
     # -- the stage contract ---------------------------------------------------------------------
-    def bind(self, engine) -> None:
-        super().bind(engine)
-        for frozen in (self.reference, self.reward_model):
-            if frozen is not None:
-                frozen.to(engine.device)
+    def bind(self, engine, extra_engines: dict | None = None) -> None:
+        super().bind(engine, extra_engines)
+        self.critic_engine = self.extra_engines["critic"]
         if self.reward_model is None:
             # Before a checkpoint is loaded: the actor still has its starting weights on every rank.
             self.target_id = self._toy_target()
 
-    def trainable_parameters(self) -> list:
-        trainable = lambda module: [p for p in module.parameters() if p.requires_grad]  # noqa: E731
-        return [{"params": trainable(self.model.actor), "lr": self.ctx.cfg.method.lr},
-                {"params": trainable(self.model.critic), "lr": self.ctx.cfg.method.ppo.critic_lr}]
+    def extra_trained(self) -> dict:
+        params = [p for p in self.critic.parameters() if p.requires_grad]
+        return {"critic": (self.critic, [{"params": params, "lr": self.ctx.cfg.method.ppo.critic_lr}])}
 
     def samples_per_epoch(self) -> int:
         """Experience rows trained per pass over the prompts: every prompt's rollout, ppo_epochs times."""
@@ -167,28 +162,27 @@ class PPOStage(Stage):
     def loss(self, engine, batch: dict):
         ppo, width = self.ctx.cfg.method.ppo, batch["prompt_width"]
         ptx = {k: batch[k] for k in ("ptx_input_ids", "ptx_attention_mask", "ptx_labels") if k in batch}
-        logits, values, ptx_loss = engine(batch["input_ids"], batch["attention_mask"], **ptx)
+        logits, ptx_loss = engine(batch["input_ids"], batch["attention_mask"], **ptx)
+        values = self.critic_engine(batch["input_ids"], batch["attention_mask"], per_token=True)
         responses, mask = batch["input_ids"][:, width:], batch["action_mask"]
         logprobs = token_logprobs(logits[:, width - 1:-1] / ppo.temperature, responses)
         policy_loss, metrics = ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"], mask, ppo.clip_range)
         value_loss, value_metrics = ppo_value_loss(values[:, width - 1:-1], batch["old_values"], batch["returns"], mask,
                                                    ppo.value_clip_range)
-        loss = policy_loss + value_loss
         if ptx_loss is not None:
-            loss = loss + ppo.ptx_coef * ptx_loss
+            policy_loss = policy_loss + ppo.ptx_coef * ptx_loss
             metrics["ptx_loss"] = ptx_loss.item()
-        return loss, {**metrics, **value_metrics, **batch["rollout_stats"]}
+        return {"model": policy_loss, "critic": value_loss}, {**metrics, **value_metrics, **batch["rollout_stats"]}
 
     def export(self, engine, out_dir: Path) -> None:
         """``final/``: the actor as a Hugging Face causal LM (LoRA merged); ``final/critic/``: the critic as a
         reward-model directory (``load_reward_model``)."""
-        state_dict = self.gathered_state_dict(engine)
+        actor_state, critic_state = self.gathered_state_dict(engine), self.gathered_state_dict(self.critic_engine)
         scaling = lora_scaling(self.ctx)
 
         def write(tmp: Path) -> None:
-            module = engine.module
-            save_causal_lm(module.actor, plain_state_dict(state_dict, "actor.", scaling), tmp)
-            save_reward_model(module.critic, state_dict, tmp / "critic", scaling, prefix="critic.")
+            save_causal_lm(engine.module.actor, plain_state_dict(actor_state, "actor.", scaling), tmp)
+            save_reward_model(self.critic_engine.module, critic_state, tmp / "critic", scaling)
 
         self.write_export(out_dir, write)
 
@@ -249,9 +243,10 @@ class PPOStage(Stage):
         return hits.sum(-1) / mask[:, width:].sum(-1).clamp(min=1)
 
     def _whole_model(self):
-        """Under ZeRO-3 the actor and critic are gathered whole for a rollout (as TRL does for generation):
-        generate() runs a different number of forwards per rank, and a forward outside the engine's own
-        call does not fetch partitioned parameters reliably."""
+        """Under ZeRO-3 the actor is gathered whole for a rollout (as TRL does for generation): generate()
+        runs a different number of forwards per rank, and a forward outside the engine's own call does
+        not fetch partitioned parameters reliably. The critic and frozen models run one forward per
+        rollout on every rank through their own engines."""
         if self.ctx.cfg.zero.stage != 3:
             return contextlib.nullcontext()
         import deepspeed
@@ -271,9 +266,11 @@ class PPOStage(Stage):
         sequences, mask, width = self._generate(prompts)
         action_mask = mask[:, width:]
         responses = sequences[:, width:]
-        logits, values, _ = module(sequences, mask)
+        logits, _ = module(sequences, mask)
         logprobs = token_logprobs(logits[:, width - 1:-1] / ppo.temperature, responses)
-        values = values[:, width - 1:-1]
+        self.critic_engine.eval()
+        values = self.critic_engine(sequences, mask, per_token=True)[:, width - 1:-1]
+        self.critic_engine.train()
         if self.reference is not None:
             ref_logits = self.reference(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask)).logits
         else:

@@ -1,7 +1,8 @@
 """Checkpoints that count only when complete, resume from the newest, keep the last K and the best.
 
 Layout: ``checkpoints/step_00000040/`` holds DeepSpeed's engine state (model, optimizer, lr
-scheduler; every rank writes its shard), ``rng_rank{r}.pt`` per rank, ``state.json`` (the loop's
+scheduler; every rank writes its shard), each extra trained engine's state in a subdirectory of
+its name (PPO's ``critic/``), ``rng_rank{r}.pt`` per rank, ``state.json`` (the loop's
 own state) and, written last by rank 0 after a barrier, ``COMPLETE``. A directory without
 ``COMPLETE`` is a save that was interrupted: it is ignored on resume and removed later.
 """
@@ -74,7 +75,8 @@ class Checkpointer:
         if all_reduce([short], op="max")[0]:
             raise DiskFullError(f"not enough free disk under {self.root} for a checkpoint (see rank 0's message)")
 
-    def save(self, engine, state: dict, expected_bytes: int) -> Path:
+    def save(self, engines: dict, state: dict, expected_bytes: int) -> Path:
+        """``engines``: name -> DeepSpeed engine; "model" is the loop's own."""
         previous = self.latest()
         self._check_disk(_dir_size(previous) if previous else expected_bytes)
         tag = _tag(state["step"])
@@ -82,7 +84,10 @@ class Checkpointer:
         if self.rank == 0 and path.exists():  # a leftover of an interrupted save of this step
             shutil.rmtree(path)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"hpcllm": state}, save_latest=False)
+        engines["model"].save_checkpoint(str(self.root), tag=tag, client_state={"hpcllm": state}, save_latest=False)
+        for name, engine in engines.items():
+            if name != "model":
+                engine.save_checkpoint(str(path), tag=name, save_latest=False)
         torch.save(rng_state(), path / f"rng_rank{self.rank}.pt")
         barrier()
         if self.rank == 0:
@@ -96,9 +101,16 @@ class Checkpointer:
         barrier()
         return path
 
-    def load(self, engine, path: Path) -> dict:
-        _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+    def load(self, engines: dict, path: Path) -> dict:
+        for name, engine in engines.items():
+            where, tag = (path.parent, path.name) if name == "model" else (path, name)
+            if not (Path(where) / tag).is_dir():
+                raise FileNotFoundError(f"checkpoint {path} has no state of the {name} engine ({tag}/): it was "
+                                        "written by a job with other models; resume from a checkpoint of this job")
+            loaded, _ = engine.load_checkpoint(str(where), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if loaded is None:
+                raise RuntimeError(f"DeepSpeed could not load the {name} engine's state from {Path(where) / tag}")
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))

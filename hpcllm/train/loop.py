@@ -8,7 +8,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import deepspeed
 import torch
 from tqdm import tqdm
 
@@ -17,6 +16,7 @@ from hpcllm.distributed import all_reduce
 from hpcllm.models.adapters import parameter_counts
 from hpcllm.stages.base import Stage, StageContext
 from hpcllm.train.checkpoint import COMPLETE, Checkpointer
+from hpcllm.train.engines import training_engine
 from hpcllm.plan.formulas import arch_of, flops_per_token
 from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
 from hpcllm.train.schedule import lr_scheduler_factory
@@ -33,22 +33,30 @@ class Trainer:
         self.train_cfg = cfg.train
         self.accum = ctx.derived.grad_accum_steps
         self.max_steps = self._max_steps()
-        ds_config = json.loads((ctx.run_dir / "ds_config.json").read_text())
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=stage.model, model_parameters=stage.trainable_parameters(), config=ds_config,
-            lr_scheduler=lr_scheduler_factory(cfg.method, self.max_steps))
-        stage.bind(self.engine)
+        self.engine = self._engine("model", stage.model, stage.trainable_parameters())
+        self.extra_engines = {name: self._engine(name, module, params)
+                              for name, (module, params) in stage.extra_trained().items()}
+        self.engines = {"model": self.engine, **self.extra_engines}
+        stage.bind(self.engine, self.extra_engines)
         self.checkpointer = Checkpointer(ctx.run_dir / "checkpoints", ctx.dist.rank, cfg.train.keep_last,
                                          cfg.train.keep_best, cfg.train.min_free_disk_gb)
         self.metrics = MetricsLogger(cfg, ctx.run_dir, ctx.dist.is_main)
         self.stop = StopFlag()
         self.state = {"step": 0, "eval_loss": None, "best_eval_loss": None, "best_checkpoint": None}
-        self.trainable_params, self.total_params = parameter_counts(stage.model)
+        counts = [parameter_counts(engine.module) for engine in self.engines.values()]
+        self.trainable_params, self.total_params = (sum(c) for c in zip(*counts))
         # Model FLOPs (6N + 12LHS, active experts only) from the architecture numbers, as the estimate uses.
         self.flops_per_token = flops_per_token(arch_of(cfg.model), cfg.method.seq_len)
         peak = cfg.hw.peak_tflops_fp32 if ctx.derived.precision == "fp32" else cfg.hw.peak_tflops_16bit
         self.peak_flops = peak * 1e12
         self._announce()
+
+    def _engine(self, name: str, module, parameters):
+        """The DeepSpeed engine of trained model ``name``: ds_config.json for the stage's model,
+        ds_config_<name>.json for the others; each with the loop's LR schedule."""
+        file = "ds_config.json" if name == "model" else f"ds_config_{name}.json"
+        ds_config = json.loads((self.ctx.run_dir / file).read_text())
+        return training_engine(module, parameters, ds_config, lr_scheduler_factory(self.ctx.cfg.method, self.max_steps))
 
     def _max_steps(self) -> int:
         if self.train_cfg.max_steps > 0:
@@ -102,10 +110,12 @@ class Trainer:
         sums, counts, tokens = defaultdict(float), defaultdict(int), 0
         for _ in range(self.accum):
             batch = to_device(next(batches), self.engine.device)
-            loss, extra = self.stage.loss(self.engine, batch)
-            self.engine.backward(loss)
-            self.engine.step()
-            for key, value in {"loss": loss.item(), **extra}.items():
+            losses, extra = self.stage.loss(self.engine, batch)
+            losses = losses if isinstance(losses, dict) else {"model": losses}
+            for name, loss in losses.items():
+                self.engines[name].backward(loss)
+                self.engines[name].step()
+            for key, value in {"loss": sum(loss.item() for loss in losses.values()), **extra}.items():
                 sums[key] += value
                 counts[key] += 1
             tokens += self.stage.tokens(batch)
@@ -114,6 +124,10 @@ class Trainer:
         world = self.ctx.derived.world_size
         tokens_per_sec = all_reduce([tokens / elapsed])[0] / world
         grad_norm = self.engine.get_global_grad_norm()
+        for name, engine in self.extra_engines.items():
+            norm = engine.get_global_grad_norm()
+            metrics.update({f"{name}_lr": float(engine.get_lr()[0]),
+                            f"{name}_grad_norm": float(norm) if norm is not None else float("nan")})
         metrics.update(
             lr=float(self.engine.get_lr()[0]),
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
@@ -142,8 +156,9 @@ class Trainer:
         self.engine.eval()
         sums, counts = defaultdict(float), defaultdict(int)
         for batch in batches:
-            loss, extra = self.stage.loss(self.engine, to_device(batch, self.engine.device))
-            for key, value in {"loss": loss.item(), **extra}.items():
+            losses, extra = self.stage.loss(self.engine, to_device(batch, self.engine.device))
+            losses = losses if isinstance(losses, dict) else {"model": losses}
+            for key, value in {"loss": sum(loss.item() for loss in losses.values()), **extra}.items():
                 sums[f"eval_{key}"] += value
                 counts[f"eval_{key}"] += 1
         self.engine.train()
@@ -161,7 +176,7 @@ class Trainer:
             state["best_eval_loss"] = eval_loss
             state["best_checkpoint"] = f"step_{state['step']:08d}"
         expected = self.total_params * 4 + self.trainable_params * 12  # weights + fp32 master and Adam moments
-        return self.checkpointer.save(self.engine, dict(state), expected)
+        return self.checkpointer.save(self.engines, dict(state), expected)
 
     def resume(self) -> None:
         mode = self.ctx.cfg.resume
@@ -173,6 +188,6 @@ class Trainer:
         if not (path / COMPLETE).is_file():
             raise ConfigError(f"resume={path} is not a complete checkpoint (no {COMPLETE} marker): "
                               "give a checkpoints/step_* directory that finished saving, or resume=auto")
-        self.state.update(self.checkpointer.load(self.engine, path))
+        self.state.update(self.checkpointer.load(self.engines, path))
         if self.ctx.dist.is_main:
             print(f"hpcllm: resumed from {path} at step {self.state['step']}", flush=True)

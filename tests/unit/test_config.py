@@ -128,8 +128,34 @@ def test_ptuning_only_where_it_applies():
 def test_alignment_rules_fail_at_composition():
     with pytest.raises(ConfigError, match="method.adapter=none, lora or freeze"):
         derive(compose(["method=dpo", "method.adapter=ptuning"]))
-    with pytest.raises(ConfigError, match="train.zero_init=false"):
-        derive(compose(["method=ppo", "zero=stage3"]))
-    derive(compose(["method=dpo", "zero=stage3", "method.adapter=lora"]))  # the reference is the base: fine
-    with pytest.raises(ConfigError, match="method.ppo.critic_zero"):
-        derive(compose(["method=ppo", "method.ppo.critic_zero=stage3_offload"]))
+    derive(compose(["method=ppo", "zero=stage3"]))  # every model built under zero.Init of its own profile
+    derive(compose(["method=dpo", "zero=stage3", "method.adapter=lora"]))
+
+
+def test_each_alignment_model_names_its_own_zero_profile():
+    from hpcllm.config.profiles import extra_models
+
+    cfg = compose(["method=ppo", "zero=stage2", "method.ppo.critic_zero=stage3", "method.ppo.reward_model=/rm",
+                   "method.ppo.reference_zero=stage3_offload", "method.ppo.reward_zero=stage0"])
+    derive(cfg)
+    models = {role: (zero.name, zero.stage, zero.offload_param, trained)
+              for role, (zero, trained) in extra_models(cfg).items()}
+    assert models == {"critic": ("stage3", 3, False, True), "reference": ("stage3_offload", 3, True, False),
+                      "reward": ("stage0", 0, False, False)}
+    cfg = compose(["method=dpo", "zero=stage2", "method.dpo.reference_zero=stage3"])
+    assert {r: z.name for r, (z, _) in extra_models(cfg).items()} == {"reference": "stage3"}
+    # LoRA's reference is the adapter-disabled policy; without a reward model the reward is the toy one.
+    assert set(extra_models(compose(["method=ppo", "method.adapter=lora"]))) == {"critic"}
+
+
+@pytest.mark.parametrize("override,key", [("method.ppo.critic_zero=stage9", "method.ppo.critic_zero"),
+                                          ("method.ppo.reward_zero=zero3", "method.ppo.reward_zero")])
+def test_an_unknown_model_profile_names_its_key(override, key):
+    with pytest.raises(ConfigError, match=f"{key}=.* is not a ZeRO preset: use one of .*stage3_offload"):
+        derive(compose(["method=ppo", override]))
+
+
+def test_the_actor_profile_is_the_jobs_zero():
+    derive(compose(["method=ppo", "zero=stage2", "method.ppo.actor_zero=stage2"]))
+    with pytest.raises(ConfigError, match="set zero=stage3 instead"):
+        derive(compose(["method=ppo", "zero=stage2", "method.ppo.actor_zero=stage3"]))

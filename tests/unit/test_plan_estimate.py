@@ -80,10 +80,29 @@ def test_stages_add_their_models(jobs):
     def params(*o):
         cfg = jobs("model=llama2_7b", "hw=a100x8", *o)
         return memory_breakdown(cfg, derive(cfg), 1)[0]["parameters"]
-    sft, dpo, ppo = params("method=sft"), params("method=dpo"), params("method=ppo")
+    sft, dpo = params("method=sft"), params("method=dpo")
+    ppo = params("method=ppo", "method.ppo.reward_model=/rm")
     assert dpo == pytest.approx(2 * sft, rel=0.01)  # policy + reference
     assert ppo == pytest.approx(4 * sft, rel=0.02)  # actor, critic, reference, reward
+    assert params("method=ppo") == pytest.approx(3 * sft, rel=0.02)  # the toy reward needs no model
     assert params("method=dpo", "method.dpo.precompute_reference=true") == sft
+
+
+def test_each_alignment_model_is_estimated_under_its_own_profile(jobs):
+    def breakdown(*o):
+        cfg = jobs("model=llama2_7b", "hw=a100x8", "zero=stage2", "method=ppo", "method.ppo.reward_model=/rm", *o)
+        gpu, cpu = memory_breakdown(cfg, derive(cfg), 1)
+        return gpu, cpu, estimate(cfg, derive(cfg))
+    replicas, _, _ = breakdown()
+    sharded, _, est = breakdown("method.ppo.reference_zero=stage3", "method.ppo.reward_zero=stage3_offload")
+    reference = 2 * 6.74e9  # bf16 weights of a replica
+    # The reference shrinks to 1/8 per GPU, the offloaded reward model leaves the GPU.
+    assert replicas["parameters"] - sharded["parameters"] == pytest.approx(reference * 7 / 8 + reference, rel=0.02)
+    assert any("reward: zero=stage3_offload, frozen, parameters partitioned over ranks, offloaded to CPU" in n
+               for n in est.notes)
+    _, offload_cpu, _ = breakdown("method.ppo.critic_zero=stage2_offload")
+    critic_adam = 16 * 6.74e9 / 1  # fp32 master + Adam moments + gradient, offloaded (one node)
+    assert offload_cpu["model_states"] >= critic_adam * 0.95
 
 
 def test_oom_job_is_refused_with_concrete_remedies(jobs, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hpcllm.config import compose, derive
-from hpcllm.render.deepspeed import render_ds_config
+from hpcllm.render.deepspeed import render_ds_config, render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -62,6 +62,36 @@ def test_deepspeed_accepts_the_config_of_every_zero_profile(zero, single_process
     assert ds.bfloat16_config.enabled and not ds.float16_config.enabled
     offload = ds.zero_config.offload_optimizer
     assert (offload is not None and offload.device == "cpu") == cfg.zero.offload_optimizer
+
+
+@pytest.mark.parametrize("critic,reference,reward", [("stage3", "stage3_offload", "stage3"),
+                                                     ("stage2_offload", "stage3", "stage1")])
+def test_each_ppo_model_gets_the_deepspeed_config_of_its_profile(critic, reference, reward, single_process_group):
+    """The critic trains under its own profile; frozen models get an optimizer-less ZeRO-3 config (partitioned,
+    parameters offloaded with stage3_offload) or, under stages 0-2, none at all: they are replicas."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = compose(["model=llama_7b", "method=ppo", "hw=a100x8", "zero=stage2", f"method.ppo.critic_zero={critic}",
+                   f"method.ppo.reference_zero={reference}", f"method.ppo.reward_zero={reward}",
+                   "method.ppo.reward_model=/rm"])
+    derived = derive(cfg)
+    configs = render_ds_configs(cfg, derived)
+    expected = {"ds_config.json", "ds_config_critic.json", "ds_config_reference.json"} | (
+        {"ds_config_reward.json"} if reward == "stage3" else set())
+    assert set(configs) == expected
+    parsed = {name: DeepSpeedConfig(json.loads(json.dumps(c)), mpu=DataParallel(derived.data_parallel_size))
+              for name, c in configs.items()}
+    assert parsed["ds_config.json"].zero_optimization_stage == 2
+    assert parsed["ds_config_critic.json"].zero_optimization_stage == int(critic[5])
+    assert (parsed["ds_config_critic.json"].zero_config.offload_optimizer is not None) == critic.endswith("offload")
+    assert configs["ds_config_critic.json"]["optimizer"] == configs["ds_config.json"]["optimizer"]
+    for role, profile in (("reference", reference), ("reward", reward)):
+        if f"ds_config_{role}.json" in configs:
+            frozen = configs[f"ds_config_{role}.json"]
+            assert "optimizer" not in frozen and "offload_optimizer" not in frozen["zero_optimization"]
+            assert parsed[f"ds_config_{role}.json"].zero_optimization_stage == 3
+            offload = parsed[f"ds_config_{role}.json"].zero_config.offload_param
+            assert (offload is not None and offload.device == "cpu") == (profile == "stage3_offload")
 
 
 def test_fp16_on_v100_and_torch_adam_on_cpu():

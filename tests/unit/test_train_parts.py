@@ -49,6 +49,6 @@ def test_prune_keeps_last_k_and_best_and_drops_partial(tmp_path):
 def test_full_disk_stops_with_a_clear_message_before_writing(tmp_path, capsys):
     checkpointer = Checkpointer(tmp_path / "ckpt", 0, 2, True, min_free_gb=10**9)
     with pytest.raises(DiskFullError, match="not enough free disk"):
-        checkpointer.save(engine=None, state={"step": 5}, expected_bytes=1)
+        checkpointer.save(engines={"model": None}, state={"step": 5}, expected_bytes=1)
     assert "train.keep_last" in capsys.readouterr().out
     assert not list((tmp_path / "ckpt").glob("step_*"))
