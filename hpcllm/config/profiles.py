@@ -70,7 +70,7 @@ def describe_extra_models(cfg: DictConfig) -> list[str]:
         if trained:
             how = f"trained in its own engine (ds_config_{role}.json)"
         elif zero.stage == 3:
-            where = "offloaded to CPU" if zero.offload_param else "on the GPUs"
+            where = "offloaded to CPU memory" if zero.offload_param else "on each rank's device"
             how = f"frozen, parameters partitioned over ranks, {where} (ds_config_{role}.json)"
         else:
             how = "frozen, a full replica on every rank"

@@ -12,10 +12,10 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from hpcllm.config import Derived
-from hpcllm.config.profiles import describe_extra_models, extra_models
+from hpcllm.config.profiles import describe_extra_models, extra_models, role_key
 from hpcllm.plan import formulas as F
 from hpcllm.plan.formulas import GIB
 
@@ -361,6 +361,8 @@ def _with(cfg: DictConfig, derived: Derived, override: str):
                           grad_accum_steps=max(1, derived.global_batch_size // (cfg.method.micro_batch_size * dp)))
     elif key == "train.keep_last":
         cfg.train.keep_last = int(value)
+    elif key.endswith("_zero"):  # a frozen model's own profile, e.g. method.ppo.reference_zero
+        OmegaConf.update(cfg, key, value)
     return cfg, derived
 
 
@@ -394,6 +396,11 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: Option
         candidates.append(f"method.micro_batch_size={mb}")
     if not cfg.train.gradient_checkpointing and cfg.method.stage != "eval":
         candidates.append("train.gradient_checkpointing=true")
+    for role, (zero, trained) in extra_models(cfg).items():
+        # A frozen model partitioned (then offloaded) costs no optimizer change to the trained ones.
+        for name in ("stage3", "stage3_offload"):
+            if not trained and ZERO_PROFILES[name][::2] > (zero.stage, zero.offload_param):
+                candidates.append(f"{role_key(cfg, role)}={name}")
     current = (cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_param)
     for name, profile in ZERO_PROFILES.items():
         if profile > current and not (profile[0] >= 2 and cfg.train.pipeline_parallel > 1):

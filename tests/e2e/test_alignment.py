@@ -1,6 +1,9 @@
-"""method=reward|dpo|ppo as real jobs (`python launch.py`, 2 CPU ranks): they learn, and a run stopped
-by SIGUSR1 resumes where it stopped with the same losses as an uninterrupted run."""
+"""method=reward|dpo|ppo as real jobs (`python launch.py`, 2 CPU ranks): they learn, a run stopped
+by SIGUSR1 resumes where it stopped with the same losses as an uninterrupted run, and PPO's and DPO's
+extra models run under ZeRO profiles of their own."""
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -115,3 +118,62 @@ def test_lora_on_one_rank(tmp_path, method):
     assert (tmp_path / "final" / "config.json").is_file() or (tmp_path / "final" / "adapter_config.json").is_file()
     if method == "dpo":
         assert (tmp_path / "data" / "train_reference_logps.npy").is_file()
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A real reward-model export (method=reward, one rank, a few steps), for PPO's reward model."""
+    run = tmp_path_factory.mktemp("reward_model") / "run"
+    run_to_end(run, "reward", "hw.gpus_per_node=1", "train.max_steps=3")
+    return run / "final"
+
+
+def partition_report(log: str, role: str) -> tuple[int, int, str]:
+    """(parameters on rank 0, all parameters, device) from the frozen engine's report line."""
+    match = re.search(rf"hpcllm: {role}: ZeRO-3 partitioned, ([\d,]+) of its ([\d,]+) parameters held by rank 0, "
+                      r"on (\w+)", log)
+    assert match, f"no partition report for {role}:\n{log[-3000:]}"
+    return int(match[1].replace(",", "")), int(match[2].replace(",", "")), match[3]
+
+
+def test_ppo_models_each_under_their_own_zero_profile(tmp_path, reward_model_dir):
+    """Actor under zero=stage3 (built under zero.Init), critic trained in its own ZeRO-2 engine, reference
+    (stage3_offload) and reward model (stage3) partitioned in optimizer-less engines; it learns nothing
+    wrong at the start (KL 0: the reference is the starting actor) and resumes exactly, critic included."""
+    overrides = ["zero=stage3", "method.ppo.critic_zero=stage2", "method.ppo.reference_zero=stage3_offload",
+                 "method.ppo.reward_zero=stage3", f"method.ppo.reward_model={reward_model_dir}", "train.max_steps=10"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = launch(full, "ppo", *overrides)
+    log = finish(proc)
+    for role in ("reference", "reward"):
+        local, total, _ = partition_report(log, role)
+        assert total // 2 <= local < total  # half of each partitioned tensor (rounded up) on each of 2 ranks
+    assert partition_report(log, "reference")[2] == "cpu"
+    configs = {name: json.loads((full / f"ds_config{name}.json").read_text())["zero_optimization"]
+               for name in ("", "_critic", "_reference", "_reward")}
+    assert [configs[n]["stage"] for n in ("", "_critic", "_reference", "_reward")] == [3, 2, 3, 3]
+    assert configs["_reference"]["offload_param"]["device"] == "cpu" and "offload_param" not in configs["_reward"]
+    rows = train_rows(full)
+    assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert {"critic_lr", "critic_grad_norm"} <= rows[10].keys()
+    assert (full / "checkpoints" / "step_00000010" / "critic").is_dir()
+    assert load_reward_model(full / "final" / "critic").value_head.weight.shape[0] == 1
+
+    stopped_at, log = run_interrupted_then_resumed(resumed, "ppo", *overrides)
+    assert f"step_{stopped_at:08d}" in log
+    got = train_rows(resumed)
+    assert sorted(got) == sorted(rows)
+    for step in rows:
+        for key in ("loss", "value_loss", "mean_reward", "kl"):
+            assert got[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_dpo_under_zero3_partitions_its_reference(tmp_path):
+    """zero=stage3 with zero.Init (the default) and a full fine-tuned policy: the reference is a partitioned
+    copy of the starting policy, so the first loss is exactly log 2."""
+    log = finish(launch(tmp_path, "dpo", "zero=stage3", "train.max_steps=3"))
+    local, total, _ = partition_report(log, "reference")
+    assert total // 2 <= local < total
+    rows = train_rows(tmp_path)
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[3]["loss"] < rows[1]["loss"]

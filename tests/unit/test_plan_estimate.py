@@ -98,7 +98,7 @@ def test_each_alignment_model_is_estimated_under_its_own_profile(jobs):
     reference = 2 * 6.74e9  # bf16 weights of a replica
     # The reference shrinks to 1/8 per GPU, the offloaded reward model leaves the GPU.
     assert replicas["parameters"] - sharded["parameters"] == pytest.approx(reference * 7 / 8 + reference, rel=0.02)
-    assert any("reward: zero=stage3_offload, frozen, parameters partitioned over ranks, offloaded to CPU" in n
+    assert any("reward: zero=stage3_offload, frozen, parameters partitioned over ranks, offloaded to CPU memory" in n
                for n in est.notes)
     _, offload_cpu, _ = breakdown("method.ppo.critic_zero=stage2_offload")
     critic_adam = 16 * 6.74e9 / 1  # fp32 master + Adam moments + gradient, offloaded (one node)
@@ -210,3 +210,17 @@ def test_capacity_line_is_one_line(jobs):
         lines.append(capacity_line(cfg, estimate(cfg, derive(cfg), with_remedies=False)))
     assert all("\n" not in line and f"mb={mb}" in line for line, mb in zip(lines, (1, 2, 4, 8)))
     assert lines[0].startswith("fits")
+
+
+def test_a_ppo_job_that_fits_once_its_frozen_models_are_partitioned_is_told_so(jobs):
+    """LLaMA-2-7B PPO on 8 x A100-80GB under ZeRO-2: four resident models do not fit, and partitioning the
+    frozen reference (or reward model) alone is enough, before touching the trained models' ZeRO stage."""
+    job = ("model=llama2_7b", "hw=a100x8", "method=ppo", "method.ppo.reward_model=/rm", "zero=stage2",
+           "method.micro_batch_size=1", "method.global_batch_size=8", "method.ppo.rollout_batch_size=8")
+    cfg = jobs(*job)
+    est = estimate(cfg, derive(cfg))
+    assert not est.fits_gpu
+    assert est.remedies[0] == "method.ppo.reference_zero=stage3"
+    assert est.remedies.index("method.ppo.reward_zero=stage3") < est.remedies.index("zero=stage3")
+    fixed = jobs(*job, "method.ppo.reference_zero=stage3")
+    assert estimate(fixed, derive(fixed)).fits_gpu

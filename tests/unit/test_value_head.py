@@ -45,3 +45,22 @@ def test_save_and_load_round_trip_scores_the_same(tmp_path):
         torch.testing.assert_close(loaded(ids, mask), model(ids, mask))
         # the score is the value at the last real token
         torch.testing.assert_close(model(ids, mask), model.values(ids, mask)[[0, 1], [2, 1]])
+
+
+def test_building_under_swaps_the_zero3_setting_and_restores_the_jobs():
+    """PPO builds each model under its own profile: transformers' process-wide DeepSpeed setting is swapped
+    for the build and the job's comes back afterwards, whichever it was."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from hpcllm.models.build import building_under
+
+    zero3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    job = HfDeepSpeedConfig(zero3)  # a ZeRO-3 job with zero.Init
+    with building_under(None):
+        assert not is_deepspeed_zero3_enabled()
+    assert is_deepspeed_zero3_enabled()
+    del job
+    assert not is_deepspeed_zero3_enabled()
+    with building_under(zero3):
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
