@@ -137,10 +137,11 @@ def partition_report(log: str, role: str) -> tuple[int, int, str]:
 
 
 def test_ppo_models_each_under_their_own_zero_profile(tmp_path, reward_model_dir):
-    """Actor under zero=stage3 (built under zero.Init), critic trained in its own ZeRO-2 engine, reference
+    """Actor under zero=stage3 (built under zero.Init), critic trained in its own ZeRO-2 engine with its
+    optimizer offloaded (DeepSpeed's CPU Adam, compiled on first use), reference
     (stage3_offload) and reward model (stage3) partitioned in optimizer-less engines; it learns nothing
     wrong at the start (KL 0: the reference is the starting actor) and resumes exactly, critic included."""
-    overrides = ["zero=stage3", "method.ppo.critic_zero=stage2", "method.ppo.reference_zero=stage3_offload",
+    overrides = ["zero=stage3", "method.ppo.critic_zero=stage2_offload", "method.ppo.reference_zero=stage3_offload",
                  "method.ppo.reward_zero=stage3", f"method.ppo.reward_model={reward_model_dir}", "train.max_steps=10"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     proc = launch(full, "ppo", *overrides)
@@ -153,6 +154,7 @@ def test_ppo_models_each_under_their_own_zero_profile(tmp_path, reward_model_dir
                for name in ("", "_critic", "_reference", "_reward")}
     assert [configs[n]["stage"] for n in ("", "_critic", "_reference", "_reward")] == [3, 2, 3, 3]
     assert configs["_reference"]["offload_param"]["device"] == "cpu" and "offload_param" not in configs["_reward"]
+    assert configs["_critic"]["offload_optimizer"]["device"] == "cpu" and "offload_optimizer" not in configs[""]
     rows = train_rows(full)
     assert rows[1]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert {"critic_lr", "critic_grad_norm"} <= rows[10].keys()
