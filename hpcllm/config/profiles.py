@@ -46,11 +46,6 @@ def model_zero(cfg: DictConfig, role: str) -> DictConfig:
     return zero_preset(name, key)
 
 
-def builds_partitioned(cfg: DictConfig, zero: DictConfig) -> bool:
-    """Whether a model under ``zero`` is created already partitioned (``deepspeed.zero.Init``)."""
-    return zero.stage == 3 and cfg.train.zero_init
-
-
 def extra_models(cfg: DictConfig) -> dict:
     """role -> (profile, trained?) for the models a job runs beside its trained one."""
     stage = cfg.method.stage

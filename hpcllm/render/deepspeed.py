@@ -98,15 +98,12 @@ def render_frozen_ds_config(cfg: DictConfig, derived: Derived, zero: DictConfig)
 
 def render_ds_configs(cfg: DictConfig, derived: Derived) -> dict:
     """file name -> DeepSpeed config, for every engine the job builds (see the module docstring)."""
-    from hpcllm.config.profiles import model_zero
+    from hpcllm.config.profiles import extra_models
 
     configs = {"ds_config.json": render_ds_config(cfg, derived)}
-    stage = cfg.method.stage
-    if stage == "ppo":
-        configs["ds_config_critic.json"] = render_ds_config(cfg, derived, model_zero(cfg, "critic"))
-    frozen = {"ppo": ("reference", "reward"), "dpo": ("reference",)}.get(stage, ())
-    for role in frozen:
-        zero = model_zero(cfg, role)
-        if zero.stage == 3:
+    for role, (zero, trained) in extra_models(cfg).items():
+        if trained:
+            configs[f"ds_config_{role}.json"] = render_ds_config(cfg, derived, zero)
+        elif zero.stage == 3:
             configs[f"ds_config_{role}.json"] = render_frozen_ds_config(cfg, derived, zero)
     return configs

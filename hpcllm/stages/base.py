@@ -54,17 +54,21 @@ class Stage:
         in an optimizer-less engine where that profile is stage 3 (see hpcllm/render/deepspeed.py)."""
         from hpcllm.train.engines import frozen_engine
 
-        path = self.ctx.run_dir / f"ds_config_{role}.json"
-        ds_config = json.loads(path.read_text()) if path.is_file() else None
-        with building_under(ds_config if ds_config is not None and self.ctx.cfg.train.zero_init else None):
+        with self.building(role):
             model = build()
-        return frozen_engine(model, ds_config, name=role)
+        return frozen_engine(model, self._ds_config(role), name=role)
 
     def building(self, role: str):
-        """The context to build extra trained model ``role`` in: partitioned as created if its profile is ZeRO-3."""
-        ds_config = json.loads((self.ctx.run_dir / f"ds_config_{role}.json").read_text())
-        partitioned = ds_config["zero_optimization"]["stage"] == 3 and self.ctx.cfg.train.zero_init
-        return building_under(ds_config if partitioned else None)
+        """The context to build extra model ``role`` in: under ``deepspeed.zero.Init`` of its own ZeRO-3
+        profile (with train.zero_init), else plainly, whatever the job's own profile."""
+        ds_config = self._ds_config(role)
+        partitioned = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
+        return building_under(ds_config if partitioned and self.ctx.cfg.train.zero_init else None)
+
+    def _ds_config(self, role: str) -> dict | None:
+        """``run_dir/ds_config_<role>.json`` as rendered (None: a frozen replica has no engine)."""
+        path = self.ctx.run_dir / f"ds_config_{role}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def samples_per_epoch(self) -> int:
         raise NotImplementedError

@@ -1,12 +1,12 @@
 """DPO (and IPO, hinge): a policy trained on chosen/rejected pairs against a frozen reference.
 
 The reference is the starting model: with method.adapter=lora it is the policy with its adapter
-disabled (one model copy in memory); otherwise a frozen copy under method.dpo.reference_zero (default
-the job's zero): partitioned over the ranks in an optimizer-less engine under a ZeRO-3 profile, a
-full replica on every rank under any other. With method.dpo.precompute_reference=true a pre-pass computes the
-reference log-probabilities of every row once, before the first step, and stores them in
-``run_dir/data/<split>_reference_logps.npy`` (beside the run's memmaps; a resumed run reuses
-them), so training runs the policy only.
+disabled (one model copy in memory); otherwise a frozen copy under method.dpo.reference_zero
+(default the job's zero): partitioned over the ranks in an optimizer-less engine under a ZeRO-3
+profile, a full replica on every rank under any other. With method.dpo.precompute_reference=true a
+pre-pass computes the reference log-probabilities of every row once, before the first step, and
+stores them in ``run_dir/data/<split>_reference_logps.npy`` (beside the run's memmaps; a resumed run
+reuses them), so training runs the policy only.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -69,7 +70,10 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(l
     wait_for(lambda: metrics.exists() and '"step": 3,' in metrics.read_text(), 240, "step 3")
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     wait_for(lambda: scontrol_job(job_id).get("Restarts") == "1", 120, "the requeue")
-    # Slurm holds a requeued job for ~2 minutes (BeginTime); the test does not wait for that.
+    # Slurm holds a requeued job for ~2 minutes (BeginTime); the test does not wait for that. It does wait
+    # past the second of the requeue: slurmd treats a credential issued in the second its predecessor was
+    # revoked as revoked too ("Job credential revoked"), and the restarted job would fail to launch.
+    time.sleep(2)
     def released():
         if scontrol_job(job_id).get("JobState") == "PENDING":
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
