@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional
 
@@ -39,9 +40,30 @@ def format_table(cfg: DictConfig, est: Estimate) -> str:
         f"  disk          checkpoint {est.checkpoint_gb:.2f} GB x keep_last {cfg.train.keep_last} (+ export) = "
         f"{est.disk_needed_gb:.2f} GB, {disk_free}  {mark(est.fits_disk)}",
     ]
+    time_limit = time_limit_line(cfg, est)
+    if time_limit:
+        lines.append(time_limit)
     if est.remedies:
         lines.append("  remedies (cheapest first): " + "; ".join(est.remedies))
     return "\n".join(lines)
+
+
+def time_limit_line(cfg: DictConfig, est: Estimate) -> Optional[str]:
+    """Slurm jobs longer than one time limit: the runs they need (each requeue resumes from the checkpoint
+    taken ``cluster.signal_before_min`` before the limit) against the ``1 + cluster.max_requeue`` allowed."""
+    cluster = cfg.cluster
+    if cluster.name != "slurm" or est.job_hours is None:
+        return None
+    usable_min = max(1, cluster.time_limit_min - cluster.signal_before_min)
+    runs = math.ceil(est.job_hours * 60 / usable_min)
+    if runs <= 1:
+        return None
+    allowed = 1 + cluster.max_requeue
+    line = f"  time limit    about {runs} runs of cluster.time_limit_min={cluster.time_limit_min}"
+    if runs > allowed:
+        return (f"{line}, but at most {allowed} (1 + cluster.max_requeue={cluster.max_requeue}): the job would "
+                f"stop unfinished; set cluster.max_requeue={runs - 1} or raise cluster.time_limit_min")
+    return f"{line} (requeued {runs - 1} times of at most cluster.max_requeue={cluster.max_requeue})"
 
 
 def capacity_line(cfg: DictConfig, est: Estimate) -> str:

@@ -73,13 +73,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(l
     # Slurm holds a requeued job for ~2 minutes (BeginTime); the test does not wait for that. It does wait
     # past the second of the requeue: slurmd treats a credential issued in the second its predecessor was
     # revoked as revoked too ("Job credential revoked"), and the restarted job would fail to launch.
-    time.sleep(2)
-    def released():
-        if scontrol_job(job_id).get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-        return scontrol_job(job_id).get("JobState") not in ("PENDING", "COMPLETING", "REQUEUED")
-
-    wait_for(released, 150, "the requeued job to start", every=2)
+    _release_when_held(job_id)
     wait_for(lambda: sacct(job_id)[0] in FINAL, 240, "the requeued job", every=1)
     assert sacct(job_id) == ["COMPLETED"]
     log = (tmp_path / "slurm" / f"{job_id}_0_log.out").read_text()
@@ -91,6 +85,45 @@ def test_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(l
     assert ours.keys() == theirs.keys()
     for name in ours:
         assert (ours[name] == theirs[name]).all(), name
+
+
+def _release_when_held(job_id):
+    """Start a requeued job now instead of after Slurm's ~2 minute hold (see the test above for the 2 s)."""
+    time.sleep(2)
+
+    def released():
+        if scontrol_job(job_id).get("JobState") == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+        return scontrol_job(job_id).get("JobState") not in ("PENDING", "COMPLETING", "REQUEUED")
+
+    wait_for(released, 150, "the requeued job to start", every=2)
+
+
+def test_a_job_reaching_its_time_limit_checkpoints_requeues_and_resumes(launch, tmp_path):
+    """Slurm itself, not the test, signals the job: --time=3 with --signal=USR2@60. The loop checkpoints
+    before the limit, the job requeues itself, and the restart resumes from that checkpoint (about 2 min).
+    Slurm may signal up to a minute early (its event resolution), so 60-120 s after the start here, when
+    training is under way (a 2-minute limit could signal while the model is still loading)."""
+    proc = launch(*TINY, "train.max_steps=1000000", "cluster.time_limit_min=3", "cluster.signal_before_min=1",
+                  f"hydra.run.dir={tmp_path}", "wait=false", check=True)
+    job_id = job_ids(proc.stdout)[0]
+    started = time.time()
+    wait_for(lambda: scontrol_job(job_id).get("Restarts") == "1", 300, "the requeue at the time limit", every=1)
+    assert time.time() - started < 180, "the job was not signalled before its 3-minute limit"
+    log_file = tmp_path / "slurm" / f"{job_id}_0_log.out"
+    assert f"checkpoint saved, job {job_id} requeued (restart 1 of at most 3)" in log_file.read_text()
+    stopped_at = _last_step(tmp_path)
+    assert (tmp_path / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+
+    _release_when_held(job_id)
+    wait_for(lambda: f"resumed from {tmp_path / 'checkpoints' / f'step_{stopped_at:08d}'}" in log_file.read_text(),
+             120, "the resumed run", every=1)
+    wait_for(lambda: _last_step(tmp_path) > stopped_at, 60, "a step after the resume", every=1)
+    subprocess.run(["scancel", job_id], check=True)
+    wait_for(lambda: sacct(job_id)[0] in FINAL, 60, "the cancelled job", every=1)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(steps) and steps[0] == 1, "the resumed run continued the step count"
 
 
 def test_sweep_runs_as_one_job_array(launch, tmp_path):

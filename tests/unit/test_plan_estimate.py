@@ -1,6 +1,7 @@
 """hpcllm.plan.estimate/preflight on composed jobs: fit, monotonicity, remedies, estimate.json."""
 import copy
 import json
+import math
 from collections import namedtuple
 
 import pytest
@@ -224,3 +225,23 @@ def test_a_ppo_job_that_fits_once_its_frozen_models_are_partitioned_is_told_so(j
     assert est.remedies.index("method.ppo.reward_zero=stage3") < est.remedies.index("zero=stage3")
     fixed = jobs(*job, "method.ppo.reference_zero=stage3")
     assert estimate(fixed, derive(fixed)).fits_gpu
+
+
+def test_a_slurm_job_longer_than_its_requeues_allow_is_warned(jobs):
+    from hpcllm.plan.report import format_table
+
+    def table(*o):
+        cfg = jobs("cluster=slurm", "hw=cpu", "cluster.time_limit_min=60", "cluster.signal_before_min=5", *o)
+        return cfg, estimate(cfg, derive(cfg))
+    cfg, est = table("train.max_steps=1000000")
+    runs = math.ceil(est.job_hours * 60 / 55)
+    assert runs > 4
+    assert (f"about {runs} runs of cluster.time_limit_min=60, but at most 4 (1 + cluster.max_requeue=3): the job "
+            f"would stop unfinished; set cluster.max_requeue={runs - 1}") in format_table(cfg, est)
+    cfg, est = table(f"train.max_steps={int(2.5 * 55 * 60 / est.step_time_s)}")
+    assert "about 3 runs of cluster.time_limit_min=60 (requeued 2 times of at most cluster.max_requeue=3)" \
+        in format_table(cfg, est)
+    cfg, est = table("train.max_steps=10")
+    assert "time limit" not in format_table(cfg, est)
+    local = jobs("hw=cpu", "train.max_steps=1000000")
+    assert "time limit" not in format_table(local, estimate(local, derive(local)))
