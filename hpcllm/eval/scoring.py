@@ -42,6 +42,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, 
 
 
 def _accepts(model, name: str) -> bool:
+    model = getattr(model, "module", model)  # a DeepSpeed engine passes keywords on to its module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return name in inspect.signature(base.forward).parameters

@@ -8,7 +8,8 @@ config with the critic's ZeRO profile). A frozen model (DPO/PPO reference, PPO r
 optimizer, gradients or optimizer state, so ZeRO stages 1-2 have nothing to partition for it: under
 a stage-3 profile it gets an optimizer-less engine (``ds_config_<role>.json``, parameters partitioned
 and optionally offloaded, as DeepSpeed-Chat serves its reference and reward models); under any
-other profile it is a plain replica on every rank and has no DeepSpeed config.
+other profile it is a plain replica on every rank and has no DeepSpeed config. The model that
+method=eval scores is such a frozen model under the job's zero (``ds_config_eval.json`` under ZeRO-3).
 """
 from __future__ import annotations
 
@@ -101,6 +102,9 @@ def render_ds_configs(cfg: DictConfig, derived: Derived) -> dict:
     from hpcllm.config.profiles import extra_models
 
     configs = {"ds_config.json": render_ds_config(cfg, derived)}
+    if cfg.method.stage == "eval" and cfg.zero.stage == 3:
+        # Evaluation trains nothing: the evaluated model is frozen, partitioned like PPO's frozen models.
+        configs["ds_config_eval.json"] = render_frozen_ds_config(cfg, derived, cfg.zero)
     for role, (zero, trained) in extra_models(cfg).items():
         if trained:
             configs[f"ds_config_{role}.json"] = render_ds_config(cfg, derived, zero)

@@ -4,6 +4,11 @@ Questions are put into batches the same way whatever the world size (by prompt l
 into ``eval.batch_size`` groups) and rank r scores batches r, r+W, ...; so every batch holds the
 same prompts with the same padding in a 1- and an N-process run, and the predictions agree exactly.
 Rank 0 gathers the rows and writes the reports.
+
+Under zero=stage3 the model is partitioned over the ranks (an optimizer-less DeepSpeed engine,
+``ds_config_eval.json``; parameters offloaded with stage3_offload), so a model larger than one
+GPU can be evaluated. Its forwards gather parameters collectively, so every rank then runs the same
+number of batches: ranks with one batch fewer score a filler batch and discard it.
 """
 from __future__ import annotations
 
@@ -50,13 +55,28 @@ def load_eval_model(ctx: StageContext) -> torch.nn.Module:
         model_cfg = OmegaConf.merge(cfg.model, {"path": base})
     model = build_model(model_cfg, precision=ctx.derived.precision, attention=cfg.train.attention, seed=cfg.seed,
                         tokenizer=ctx.tokenizer)
-    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+    if ctx.tokenizer is not None and len(ctx.tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(ctx.tokenizer))
     if adapter is not None and adapter.is_file():
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path)
+    partitioned = ctx.run_dir / "ds_config_eval.json"
+    if partitioned.is_file():
+        from hpcllm.train.engines import frozen_engine
+
+        return frozen_engine(model, json.loads(partitioned.read_text()), name="evaluated model")
     return model.to(device_of(ctx)).eval()
+
+
+def rank_share(items: Sequence, ctx: StageContext) -> List[tuple]:
+    """(item, is_filler) for this rank's items r, r+W, ...; under ZeRO-3 padded with fillers (repeats of
+    the first item) to as many as the busiest rank has, as partitioned forwards are collective."""
+    world, rank = ctx.dist.world_size, ctx.dist.rank
+    mine = [(item, False) for item in items[rank::world]]
+    if (ctx.run_dir / "ds_config_eval.json").is_file() and items:
+        mine += [(items[0], True)] * (-(-len(items) // world) - len(mine))
+    return mine
 
 
 def device_of(ctx: StageContext) -> torch.device:
@@ -109,9 +129,11 @@ def evaluate_choices(ctx: StageContext) -> None:
 
     rows, start = [], time.time()
     desc = f"{bench.title} {ecfg.split} {ecfg.shots}-shot" + (f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else "")
-    for batch in _progress(batches[dist.rank::dist.world_size], dist.is_main, desc):
+    for batch, filler in _progress(rank_share(batches, ctx), dist.is_main, desc):
         fitted = [prompter.fit(items[i][0].subject, items[i][0].dev, items[i][1], ecfg.shots, max_len) for i in batch]
         logprobs = letter_logprobs(model, [f.ids for f in fitted], letter_ids, tok.pad_token_id, device)
+        if filler:
+            continue
         probs = logprobs.softmax(-1).tolist()
         for i, f, pred, p in zip(batch, fitted, choose(logprobs), probs):
             sd, q = items[i]
@@ -148,10 +170,9 @@ def evaluate_perplexity(ctx: StageContext) -> None:
         raise ConfigError(f"data.{split}={path} holds {ds.kind} data; perplexity needs pretrain or sft data")
     model, device = load_eval_model(ctx), device_of(ctx)
     bs, n = ctx.cfg.eval.batch_size, len(ds)
-    starts = list(range(0, n, bs))[ctx.dist.rank::ctx.dist.world_size]
     nll, tokens = 0.0, 0
     with torch.no_grad():
-        for start in _progress(starts, ctx.dist.is_main, f"perplexity {split}"):
+        for start, filler in _progress(rank_share(range(0, n, bs), ctx), ctx.dist.is_main, f"perplexity {split}"):
             rows = ds.rows(start, min(start + bs, n))
             mask = torch.from_numpy(rows["attention_mask"].astype("int64"))
             width = int(mask.sum(-1).max())  # rows are right-padded: drop columns no row uses
@@ -160,6 +181,8 @@ def evaluate_perplexity(ctx: StageContext) -> None:
             mask = mask[:, :width]
             labels = labels.masked_fill(mask == 0, -100)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            if filler:
+                continue
             targets = labels[:, 1:].to(device)
             nll += torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
                                                      reduction="sum").item()

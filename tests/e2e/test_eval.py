@@ -46,3 +46,41 @@ def test_perplexity_weights_every_learned_token_once(tmp_path):
     assert result["tokens"] == int((np.asarray(labels)[:, 1:] != -100).sum())
     assert result["perplexity"] == pytest.approx(np.exp(result["mean_nll"]))
     assert 0 < result["mean_nll"] < 20
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """The tiny preset with seeded random weights, saved as a Hugging Face directory (model.path)."""
+    from hpcllm.data import load_tokenizer
+    from hpcllm.models.build import build_model
+
+    out = tmp_path_factory.mktemp("model")
+    model_cfg = compose([]).model
+    tokenizer = load_tokenizer(model_cfg.tokenizer, None)
+    build_model(model_cfg, tokenizer=tokenizer).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_zero3_partitions_the_evaluated_model_and_scores_as_one_whole_copy(tmp_path, saved_model, capfd):
+    """zero=stage3: two ranks each hold half of the model (an optimizer-less DeepSpeed engine) and give the
+    predictions of one rank holding it whole; the rank with one batch fewer runs a filler batch."""
+    args = ("eval.benchmark=ceval", "eval.shots=5", "eval.batch_size=5", f"model.path={saved_model}")
+    whole, _ = run_eval_job(tmp_path / "whole", 1, *args)
+    parts, results = run_eval_job(tmp_path / "zero3", 2, *args, "zero=stage3")
+    assert "hpcllm: evaluated model: ZeRO-3 partitioned" in capfd.readouterr().out  # rank 0 prints here
+    assert len(whole) == 24 and [r["prediction"] for r in parts] == [r["prediction"] for r in whole]
+    for a, b in zip(whole, parts):
+        for letter in "ABCD":
+            assert float(b[f"prob_{letter}"]) == pytest.approx(float(a[f"prob_{letter}"]), abs=1e-5)
+    assert results["world_size"] == 2
+
+    perplexity = ("eval.benchmark=perplexity", "eval.batch_size=16", f"model.path={saved_model}")
+    ppl = {}
+    for name, ranks, extra in (("whole ppl", 1, ()), ("zero3 ppl", 2, ("zero=stage3",))):
+        job = prepare(compose(["method=eval", f"hw.gpus_per_node={ranks}", *perplexity, *extra]), tmp_path / name)
+        assert run_local(job.run_dir, ranks, "cpu") == 0
+        ppl[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert ppl["zero3 ppl"]["tokens"] == ppl["whole ppl"]["tokens"]
+    assert ppl["zero3 ppl"]["mean_nll"] == pytest.approx(ppl["whole ppl"]["mean_nll"], rel=1e-5)
