@@ -41,3 +41,18 @@ def test_lora_adapter_is_loaded_over_its_base(tmp_path, base_on_disk):
         got = loaded(input_ids=ids).logits
     assert type(loaded).__name__.startswith("PeftModel")
     assert torch.allclose(got, expected, atol=1e-5) and not torch.allclose(got, base_logits, atol=1e-3)
+
+
+def test_partitioned_eval_gives_every_rank_as_many_batches(tmp_path):
+    """Under ZeRO-3 forwards are collective: the rank with fewer batches runs fillers (flagged, discarded)."""
+    from types import SimpleNamespace
+
+    from hpcllm.stages.eval import rank_share
+
+    def ctx(rank):
+        return SimpleNamespace(dist=SimpleNamespace(rank=rank, world_size=2), run_dir=tmp_path)
+    assert rank_share(list("abcde"), ctx(1)) == [("b", False), ("d", False)]  # replicas: no fillers
+    (tmp_path / "ds_config_eval.json").write_text("{}")
+    assert rank_share(list("abcde"), ctx(0)) == [("a", False), ("c", False), ("e", False)]
+    assert rank_share(list("abcde"), ctx(1)) == [("b", False), ("d", False), ("a", True)]
+    assert rank_share([], ctx(1)) == []
