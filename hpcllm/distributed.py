@@ -106,3 +106,14 @@ def barrier() -> None:
 
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group once every rank is done. Left to the interpreter's exit, gloo's worker
+    threads can still hold work whose teardown aborts the process ("terminate called without an active
+    exception", pytorch/pytorch#190489): a job that succeeded would exit with SIGABRT."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

@@ -20,7 +20,9 @@ def run_task(run_dir: str) -> str:
     distributed.init(dist, cfg.hw.accelerator)
     from hpcllm.stages import run_stage
 
-    return run_stage(cfg, Path(run_dir), dist)
+    status = run_stage(cfg, Path(run_dir), dist)
+    distributed.shutdown()  # not on an error: the other ranks may never reach it
+    return status
 
 
 if __name__ == "__main__":
