@@ -111,7 +111,7 @@ class Trainer:
         for _ in range(self.accum):
             batch = to_device(next(batches), self.engine.device)
             losses, extra = self.stage.loss(self.engine, batch)
-            losses = losses if isinstance(losses, dict) else {"model": losses}
+            losses = self._per_engine(losses)
             for name, loss in losses.items():
                 self.engines[name].backward(loss)
                 self.engines[name].step()
@@ -143,6 +143,11 @@ class Trainer:
         return metrics
 
     @staticmethod
+    def _per_engine(losses) -> dict:
+        """A stage's loss, or its dict of losses per trained engine (see Stage.extra_trained)."""
+        return losses if isinstance(losses, dict) else {"model": losses}
+
+    @staticmethod
     def _reduce_means(sums: dict, counts: dict) -> dict:
         keys = sorted(sums)
         reduced = all_reduce([sums[k] for k in keys] + [float(counts[k]) for k in keys])
@@ -157,7 +162,7 @@ class Trainer:
         sums, counts = defaultdict(float), defaultdict(int)
         for batch in batches:
             losses, extra = self.stage.loss(self.engine, to_device(batch, self.engine.device))
-            losses = losses if isinstance(losses, dict) else {"model": losses}
+            losses = self._per_engine(losses)
             for key, value in {"loss": sum(loss.item() for loss in losses.values()), **extra}.items():
                 sums[f"eval_{key}"] += value
                 counts[f"eval_{key}"] += 1
