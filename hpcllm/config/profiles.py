@@ -9,9 +9,10 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from hpcllm.config import PROJECT_ROOT
 from hpcllm.config.derive import ConfigError
 
-ZERO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf", "zero")
+ZERO_DIR = os.path.join(PROJECT_ROOT, "conf", "zero")
 
 
 def zero_preset(name: str, key: str = "zero") -> DictConfig:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from hpcllm.config import Derived
-from hpcllm.config.profiles import describe_extra_models, extra_models, role_key
+from hpcllm.config.profiles import describe_extra_models, extra_models, role_key, zero_preset
 from hpcllm.plan import formulas as F
 from hpcllm.plan.formulas import GIB
 
@@ -398,9 +398,9 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: Option
         candidates.append("train.gradient_checkpointing=true")
     for role, (zero, trained) in extra_models(cfg).items():
         # A frozen model partitioned (then offloaded) costs no optimizer change to the trained ones.
-        for name in ("stage3", "stage3_offload"):
-            if not trained and ZERO_PROFILES[name][::2] > (zero.stage, zero.offload_param):
-                candidates.append(f"{role_key(cfg, role)}={name}")
+        for preset in (zero_preset("stage3"), zero_preset("stage3_offload")):
+            if not trained and (preset.stage, preset.offload_param) > (zero.stage, zero.offload_param):
+                candidates.append(f"{role_key(cfg, role)}={preset.name}")
     current = (cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_param)
     for name, profile in ZERO_PROFILES.items():
         if profile > current and not (profile[0] >= 2 and cfg.train.pipeline_parallel > 1):
