@@ -20,13 +20,31 @@ def _cluster_up() -> bool:
                                        for line in out.stdout.splitlines()) >= 2
 
 
+MISSING_CLUSTER = pytest.StashKey[str]()
+NO_CLUSTER = "no local Slurm cluster with 2 nodes up (sinfo): run tools/slurm_local.sh start"
+
+
+def slurm_required(config) -> bool:
+    """CI must not go green without having tested a Slurm path: there a missing cluster fails."""
+    return config.getoption("--require-slurm") or os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def pytest_collection_modifyitems(config, items):
-    if _cluster_up():
+    slurm_items = [item for item in items if "slurm" in item.keywords]
+    if not slurm_items or _cluster_up():
         return
-    skip = pytest.mark.skip(reason="no local Slurm cluster with 2 nodes: run tools/slurm_local.sh start")
-    for item in items:
-        if "slurm" in item.keywords:
-            item.add_marker(skip)
+    for item in slurm_items:
+        if slurm_required(config):
+            item.stash[MISSING_CLUSTER] = f"{NO_CLUSTER} (required: CI=true or --require-slurm)"
+        else:
+            item.add_marker(pytest.mark.skip(reason=NO_CLUSTER))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Before any fixture runs, so no job is submitted to a cluster that is not there.
+    if MISSING_CLUSTER in item.stash:
+        pytest.fail(item.stash[MISSING_CLUSTER], pytrace=False)
 
 
 @pytest.fixture(scope="session")
