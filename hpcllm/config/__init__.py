@@ -14,7 +14,7 @@ OmegaConf.register_new_resolver("hpcllm.root", lambda: PROJECT_ROOT, replace=Tru
 OmegaConf.register_new_resolver("hpcllm.pid", lambda: str(os.getpid()), replace=True)
 register_configs()
 
-__all__ = ["ConfigError", "Derived", "JobConfig", "derive", "compose"]
+__all__ = ["ConfigError", "Derived", "JobConfig", "PROJECT_ROOT", "derive", "compose"]
 
 
 def compose(overrides=(), run_dir=None):

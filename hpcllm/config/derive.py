@@ -8,14 +8,13 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig
 
+from hpcllm.config.errors import ConfigError
+from hpcllm.config.recipes import apply_recipe
+
 METHODS = ("pretrain", "sft", "lora", "freeze", "ptuning", "reward", "ppo", "dpo", "eval")
 STAGES = ("lm", "reward", "dpo", "ppo", "eval")
 ADAPTERS = ("none", "lora", "freeze", "ptuning")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-class ConfigError(ValueError):
-    """A composed job that cannot run as configured."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +137,8 @@ def derive(cfg: DictConfig) -> Derived:
     hw = cfg.hw
     if hw.nodes < 1 or hw.gpus_per_node < 1:
         raise ConfigError(f"hw.nodes={hw.nodes} and hw.gpus_per_node={hw.gpus_per_node} must be at least 1")
+    parallel = max(1, cfg.train.tensor_parallel) * max(1, cfg.train.pipeline_parallel)
+    apply_recipe(cfg, max(1, hw.nodes * hw.gpus_per_node // parallel))  # before any check reads method.*
     _compatibility(cfg)
     _alignment(cfg)
     world = hw.nodes * hw.gpus_per_node

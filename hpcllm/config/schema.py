@@ -47,6 +47,9 @@ class ModelConfig:
     special_tokens: Dict[str, str] = field(default_factory=dict)
     # Extra keyword arguments for the Hugging Face config when building from scratch.
     hf_config_overrides: Dict[str, Any] = field(default_factory=dict)
+    # Which hyper-parameters a method gets when its method.* values are null: published (recipes for
+    # the model's size, with sources) or demo (tiny test models on the bundled demo data).
+    recipe: str = "published"
 
 
 @dataclass
@@ -67,7 +70,7 @@ class FreezeConfig:
 
 @dataclass
 class PtuningConfig:
-    num_virtual_tokens: int = 16
+    num_virtual_tokens: Optional[int] = None  # null = from the recipe
     prefix_projection: bool = False
     projection_hidden_size: int = 128
 
@@ -90,11 +93,11 @@ class PpoConfig:
     value_clip_range: float = 0.2
     ppo_epochs: int = 2
     rollout_batch_size: int = 8
-    max_new_tokens: int = 16
+    max_new_tokens: Optional[int] = None  # null = from the recipe
     temperature: float = 1.0
     top_k: int = 0
     ptx_coef: float = 0.0
-    critic_lr: float = 5e-6
+    critic_lr: Optional[float] = None  # null = from the recipe
     reward_model: Optional[str] = None  # exported reward model dir; None = reward from the toy target
     target_token: Optional[str] = None  # toy reward: fraction of generated tokens equal to this token
     # Per-model conf/zero preset names; None = the job's zero. The actor is the job's trained model:
@@ -113,18 +116,24 @@ class MethodConfig:
     stage: str = MISSING  # lm | reward | dpo | ppo | eval: the stage module that runs it
     adapter: str = "none"  # none | lora | freeze | ptuning
     data_kind: str = "sft"  # pretrain | sft | preference | prompt: what memmap_gen produces
-    lr: float = 1e-5
+    # Hyper-parameters: null = from the recipe for the model's size (hpcllm/config/recipes.py, with sources).
+    lr: Optional[float] = None
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    warmup_steps: Optional[int] = None  # null = warmup_ratio x the run's optimizer steps
+    warmup_ratio: Optional[float] = None
+    weight_decay: Optional[float] = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
-    epochs: int = 1
-    seq_len: int = 512
-    micro_batch_size: int = 1
-    global_batch_size: Optional[int] = None  # None = micro_batch_size x data-parallel size (no accumulation)
+    epochs: Optional[int] = None
+    seq_len: Optional[int] = None  # null = the recipe's length, at most model.max_positions
+    micro_batch_size: Optional[int] = None
+    # null = the recipe's global batch (rounded to a multiple of micro batch x data-parallel size);
+    # the demo recipe has none: micro_batch_size x data-parallel size (no accumulation)
+    global_batch_size: Optional[int] = None
+    # Filled at composition: which value came from which recipe and source (read-only record).
+    recipe_sources: Dict[str, str] = field(default_factory=dict)
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     ptuning: PtuningConfig = field(default_factory=PtuningConfig)
@@ -222,6 +231,8 @@ class DataConfig:
     mode: str = "pack"  # pack | truncate | split, when preparing jsonl
     eval_fraction: float = 0.0  # hold out this share of `train` when no `eval` is given
     dynamic_padding: bool = True
+    # A model that is not a tiny demo model refuses to train on the bundled demo data unless this is set.
+    allow_demo_data: bool = False
 
 
 @dataclass

@@ -49,6 +49,8 @@ def show(job: PreparedJob) -> None:
           f"{job.cfg.method.micro_batch_size} x dp {d.data_parallel_size} x accum {d.grad_accum_steps}, {d.precision}")
     for line in describe_extra_models(job.cfg):
         print(f"  {line}")
+    for key, source in job.cfg.method.recipe_sources.items():
+        print(f"  method.{key} = {source}")
     for path in [job.run_dir / "config.yaml", *sorted(job.run_dir.glob("ds_config*.json")),
                  job.run_dir / "job.sbatch", job.run_dir / "estimate.json"]:
         if path.exists():

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from hpcllm.config import Derived, JobConfig, derive
+from hpcllm.config import PROJECT_ROOT, ConfigError, Derived, JobConfig, derive
+from hpcllm.config.recipes import bundled_demo_data
 from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
 
@@ -31,6 +32,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
+    _refuse_demo_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     for name, ds_config in render_ds_configs(cfg, derived).items():
@@ -38,6 +40,18 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     params = slurm_parameters(cfg, derived, str(run_dir))
     write_text_atomic(run_dir / "job.sbatch", render_sbatch(params, str(run_dir)))
     return PreparedJob(cfg, derived, run_dir, params)
+
+
+def _refuse_demo_data(cfg: DictConfig) -> None:
+    """A real model trained on the bundled demo data is almost always a forgotten data.train."""
+    demo = bundled_demo_data(cfg, PROJECT_ROOT)
+    if demo is None:
+        return
+    message = (f"model={cfg.model.name} would train on the bundled demo data ({demo}): set data.train=YOUR_DATA "
+               "(a memmap dir or jsonl), or data.allow_demo_data=true to try it anyway")
+    if not cfg.dry_run:
+        raise ConfigError(message)
+    print(f"[dry run] warning: {message}")
 
 
 def load_config(run_dir: str | Path) -> DictConfig:

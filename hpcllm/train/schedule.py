@@ -31,7 +31,14 @@ class WarmupDecay:
         return self.min_ratio + (1.0 - self.min_ratio) * shape
 
 
+def warmup_steps(method, total_steps: int) -> int:
+    """method.warmup_steps when set, else method.warmup_ratio of the run's optimizer steps (as HF's Trainer)."""
+    if method.warmup_steps is not None:
+        return method.warmup_steps
+    return math.ceil((method.warmup_ratio or 0.0) * total_steps)
+
+
 def lr_scheduler_factory(method, total_steps: int):
     """For ``deepspeed.initialize(lr_scheduler=...)``, which calls it with the optimizer."""
-    multiplier = WarmupDecay(method.warmup_steps, total_steps, method.schedule, method.min_lr_ratio)
+    multiplier = WarmupDecay(warmup_steps(method, total_steps), total_steps, method.schedule, method.min_lr_ratio)
     return lambda optimizer: LambdaLR(optimizer, multiplier)

@@ -122,7 +122,9 @@ def test_oom_job_is_refused_with_concrete_remedies(jobs, tmp_path):
 
 
 def test_remedies_cheapest_first(jobs):
-    cfg = jobs("model=llama2_7b", "hw=a100x8", "method=lora", "method.seq_len=2048", "method.micro_batch_size=16")
+    # A global batch of 48 per rank: every micro batch up to the largest that fits divides it.
+    cfg = jobs("model=llama2_7b", "hw=a100x8", "method=lora", "method.seq_len=2048", "method.micro_batch_size=16",
+               "method.global_batch_size=384")
     est = estimate(cfg, derive(cfg))
     assert not est.fits
     assert est.remedies[0] == f"method.micro_batch_size={est.max_micro_batch_size}"
@@ -172,7 +174,8 @@ def test_job_hours(jobs):
 
 
 def test_step_time_from_flops_and_mfu(jobs):
-    cfg = jobs("model=llama2_7b", "hw=a100x8", "method.seq_len=2048", "method.micro_batch_size=1")
+    cfg = jobs("model=llama2_7b", "hw=a100x8", "method.seq_len=2048", "method.micro_batch_size=1",
+               "method.global_batch_size=8")
     est = estimate(cfg, derive(cfg), with_remedies=False)
     expected = est.flops_per_token * 2048 / (312e12 * 0.4)
     assert est.step_time_s == pytest.approx(expected, rel=0.01)
@@ -189,7 +192,7 @@ def test_full_disk_is_refused(jobs, tmp_path, monkeypatch):
 
 
 def test_cpu_oom_under_offload(jobs):
-    cfg = jobs("model=llama_65b", "hw=v100x8", "zero=stage3_offload", "method.micro_batch_size=1",
+    cfg = jobs("model=llama_65b", "hw=v100x8", "zero=stage3_offload", "method.micro_batch_size=1", "method.seq_len=128",
                "train.gradient_checkpointing=true")
     est = estimate(cfg, derive(cfg), zero_init=True)
     assert est.fits_gpu and not est.fits_cpu  # 18 bytes x 65e9 x 1.5 does not fit 384 GB of RAM
@@ -197,7 +200,7 @@ def test_cpu_oom_under_offload(jobs):
 
 
 def test_zero3_without_zero_init_pays_the_whole_model_load(jobs):
-    cfg = jobs("model=llama_65b", "hw=v100x8", "zero=stage3_offload", "method.micro_batch_size=1",
+    cfg = jobs("model=llama_65b", "hw=v100x8", "zero=stage3_offload", "method.micro_batch_size=1", "method.seq_len=128",
                "train.zero_init=false")
     est = estimate(cfg, derive(cfg))
     assert not est.fits_gpu and est.breakdown["zero3_load"] > 100
@@ -217,7 +220,8 @@ def test_a_ppo_job_that_fits_once_its_frozen_models_are_partitioned_is_told_so(j
     """LLaMA-2-7B PPO on 8 x A100-80GB under ZeRO-2: four resident models do not fit, and partitioning the
     frozen reference (or reward model) alone is enough, before touching the trained models' ZeRO stage."""
     job = ("model=llama2_7b", "hw=a100x8", "method=ppo", "method.ppo.reward_model=/rm", "zero=stage2",
-           "method.micro_batch_size=1", "method.global_batch_size=8", "method.ppo.rollout_batch_size=8")
+           "method.micro_batch_size=1", "method.global_batch_size=8", "method.ppo.rollout_batch_size=8",
+           "method.seq_len=64", "method.ppo.max_new_tokens=16")
     cfg = jobs(*job)
     est = estimate(cfg, derive(cfg))
     assert not est.fits_gpu

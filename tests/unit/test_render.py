@@ -53,7 +53,7 @@ def test_deepspeed_accepts_the_config_of_every_zero_profile(zero, single_process
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = compose(["model=llama_7b", "method=lora", "hw=a100x8", "hw.nodes=2", f"zero={zero}",
-                   "method.global_batch_size=128"])
+                   "method.micro_batch_size=2", "method.global_batch_size=128"])
     derived = derive(cfg)
     rendered = render_ds_config(cfg, derived)
     ds = DeepSpeedConfig(json.loads(json.dumps(rendered)), mpu=DataParallel(derived.data_parallel_size))
