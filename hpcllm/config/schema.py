@@ -13,12 +13,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
+# hf_model_type values hpcllm builds from a preset's numbers (random weights); others need model.path.
+FROM_PRESET_MODEL_TYPES = ("llama", "qwen2", "mistral", "mixtral", "bloom", "gpt2")
+
+
 @dataclass
 class ModelConfig:
     """One model family member: published architecture numbers plus family facts."""
 
     name: str = MISSING
-    family: str = MISSING  # llama, pangu, glm, chatglm, chatglm2, chatglm3, bloom, baichuan2, qwen2, mistral, mixtral
+    family: str = MISSING  # llama, pangu, glm, chatglm, chatglm2, chatglm3, bloom, baichuan, baichuan2, qwen, qwen2, mistral, mixtral
     # Hugging Face model_type used to build from config (random weights) when it is native
     # to transformers; remote-code families need `path` pointing at their files.
     hf_model_type: str = MISSING

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpcllm.config import PROJECT_ROOT, ConfigError, Derived, JobConfig, derive
 from hpcllm.config.recipes import bundled_demo_data
+from hpcllm.config.schema import FROM_PRESET_MODEL_TYPES
 from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
 
@@ -32,7 +33,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
-    _refuse_demo_data(cfg)
+    _refuse_at_launch(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     for name, ds_config in render_ds_configs(cfg, derived).items():
@@ -42,16 +43,25 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     return PreparedJob(cfg, derived, run_dir, params)
 
 
-def _refuse_demo_data(cfg: DictConfig) -> None:
-    """A real model trained on the bundled demo data is almost always a forgotten data.train."""
+def _launch_refusals(cfg: DictConfig) -> list[str]:
+    """What stops a real run but not a dry run (which plans a model without its weights or data)."""
+    refusals = []
     demo = bundled_demo_data(cfg, PROJECT_ROOT)
-    if demo is None:
-        return
-    message = (f"model={cfg.model.name} would train on the bundled demo data ({demo}): set data.train=YOUR_DATA "
-               "(a memmap dir or jsonl), or data.allow_demo_data=true to try it anyway")
-    if not cfg.dry_run:
-        raise ConfigError(message)
-    print(f"[dry run] warning: {message}")
+    if demo is not None:  # a real model trained on the bundled demo data: a forgotten data.train
+        refusals.append(f"model={cfg.model.name} would train on the bundled demo data ({demo}): set "
+                        "data.train=YOUR_DATA (a memmap dir or jsonl), or data.allow_demo_data=true to try it anyway")
+    model = cfg.model
+    if not model.path and model.hf_model_type not in FROM_PRESET_MODEL_TYPES:
+        refusals.append(f"model={model.name} ({model.hf_model_type}) ships its own code, which hpcllm cannot "
+                        "build from the preset's numbers: set model.path=DIR to its local weights and code")
+    return refusals
+
+
+def _refuse_at_launch(cfg: DictConfig) -> None:
+    for message in _launch_refusals(cfg):
+        if not cfg.dry_run:
+            raise ConfigError(message)
+        print(f"[dry run] warning: {message}")
 
 
 def load_config(run_dir: str | Path) -> DictConfig:

@@ -1,13 +1,14 @@
 """Build a causal LM from a local path / hub name, or from the preset's numbers with random weights."""
 from __future__ import annotations
 
+import json
 import shutil
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from hpcllm.config import ConfigError
 
@@ -51,7 +52,7 @@ def build_model(model: DictConfig, *, precision: str = "fp32", attention: str = 
 
 def _build(model: DictConfig, dtype, attention: str, seed: int, tokenizer) -> PreTrainedModel:
     if model.path:
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class(model.path).from_pretrained(
             model.path, dtype=dtype, trust_remote_code=model.trust_remote_code, attn_implementation=attention)
     kwargs = hf_config_kwargs(model)
     kwargs.update(model.hf_config_overrides or {})
@@ -61,6 +62,16 @@ def _build(model: DictConfig, dtype, attention: str, seed: int, tokenizer) -> Pr
     config = AutoConfig.for_model(model.hf_model_type, **kwargs)
     torch.manual_seed(seed)  # every rank builds identical weights
     return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+
+
+def auto_class(path: str):
+    """The Auto class a model directory's own code registers: ChatGLM-6B's remote code registers
+    ``AutoModel`` (its class generates text) but not ``AutoModelForCausalLM``."""
+    config_file = Path(path) / "config.json"
+    auto_map = json.loads(config_file.read_text()).get("auto_map", {}) if config_file.is_file() else {}
+    if auto_map and "AutoModelForCausalLM" not in auto_map and "AutoModel" in auto_map:
+        return AutoModel
+    return AutoModelForCausalLM
 
 
 def base_model_dir(run_dir) -> Path:

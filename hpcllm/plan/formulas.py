@@ -76,7 +76,7 @@ def arch_of(model) -> Arch:
         layers=model.num_layers, hidden=model.hidden_size, heads=model.num_heads, kv_heads=model.num_kv_heads,
         intermediate=model.intermediate_size, vocab=model.vocab_size, max_positions=model.max_positions,
         tied=bool(model.tie_embeddings), gated=not gelu, layernorm=gelu, linear_bias=gelu,
-        qkv_bias=family in ("qwen2", "chatglm2", "chatglm3"), learned_positions=positions,
+        qkv_bias=family in ("qwen", "qwen2", "chatglm2", "chatglm3"), learned_positions=positions,
         embedding_norm=family == "bloom", fused_gate_up=family in ("chatglm2", "chatglm3"),
         experts=model.num_experts or 0, top_k=model.experts_top_k or 0,
         dropout=model.hf_model_type == "gpt2", gelu_tensors=4 if model.hf_model_type == "gpt2" else 1,
