@@ -74,6 +74,20 @@ def auto_class(path: str):
     return AutoModelForCausalLM
 
 
+def resize_embeddings(model: PreTrainedModel, vocab_size: int) -> int:
+    """Grow the input embeddings (and an untied head) to ``vocab_size`` rows, new rows set to the mean of
+    the old ones, as the Chinese-LLaMA line does after merging a vocabulary; returns the rows added."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return 0
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                       if m is not None}.values():
+            module.weight[old:] = module.weight[:old].mean(dim=0, keepdim=True)
+    return vocab_size - old
+
+
 def base_model_dir(run_dir) -> Path:
     return Path(run_dir) / "base_model"
 
