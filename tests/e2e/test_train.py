@@ -106,6 +106,44 @@ def test_lora_changes_only_the_adapter_and_exports_loadable(runs, tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def _chat(final, prompts, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    out = tmp_path / f"answers_{final.parent.name}.jsonl"
+    proc = subprocess.run([sys.executable, "tools/chat.py", str(final), f"prompts={tmp_path / 'prompts.jsonl'}",
+                           f"output={out}", "temperature=0", "max_new_tokens=6"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name,overrides", [("sft", SFT), ("lora", ("method=lora", *SHORT))])
+def test_chat_answers_as_the_model_generates_in_its_training_format(runs, name, overrides, tmp_path):
+    from hpcllm.models.generate import ChatModel, Conversation, Sampling
+
+    final = runs(name, *overrides) / "final"
+    prompts = [{"prompt": "What is 1+1?"}, {"instruction": "Translate", "input": "hello"},
+               {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                             {"role": "user", "content": "more"}]}]
+    answers = _chat(final, prompts, tmp_path)
+    chat = ChatModel(final)  # the same weights (an adapter on its base for LoRA), greedy, by hand
+    assert chat.format_id == "alpaca"  # the format the run trained with (tiny_llama's)
+    conv = Conversation(None, [{"role": "user", "content": "What is 1+1?"}])
+    text = chat.prompt_text(conv)
+    assert text.startswith(chat.tokenizer.bos_token) and text.endswith("### Instruction:\nWhat is 1+1?\n\n### Response:\n")
+    ids = chat.encode(conv)
+    out = chat.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                              pad_token_id=chat.tokenizer.pad_token_id)
+    assert answers[0]["response"] == chat.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answers[0]["response"] == chat.reply(conv, Sampling(max_new_tokens=6, temperature=0))
+    assert "### Input:\nhello" in chat.prompt_text(Conversation(None, [{"role": "user", "content": "Translate",
+                                                                         "input": "hello"}]))
+    assert all(isinstance(a["response"], str) for a in answers) and len(answers) == 3
+
+
 def test_freeze_trains_only_the_last_layers(runs):
     final = runs("freeze", *FREEZE) / "final"
     trained, base = load_safetensors(final / "model.safetensors"), base_weights()
