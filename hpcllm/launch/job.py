@@ -61,7 +61,7 @@ def _refuse_at_launch(cfg: DictConfig) -> None:
     for message in _launch_refusals(cfg):
         if not cfg.dry_run:
             raise ConfigError(message)
-        print(f"[dry run] warning: {message}")
+        print(f"[dry run] would be refused: {message}")
 
 
 def load_config(run_dir: str | Path) -> DictConfig:

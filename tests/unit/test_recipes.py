@@ -107,5 +107,5 @@ def test_headline_dry_run_shows_the_recipe(tmp_path):
                            f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "method.lr = 2e-05 (sft recipe: Stanford Alpaca" in proc.stdout
-    assert "would train on the bundled demo data" in proc.stdout
+    assert "[dry run] would be refused: model=pangu_2.6b would train on the bundled demo data" in proc.stdout
     assert "lr: 2.0e-05" in (tmp_path / "config.yaml").read_text()
