@@ -219,7 +219,7 @@ class TrainConfig:
     # as an unpartitioned build with the same seed).
     zero_init: bool = True
     attention: str = "sdpa"  # sdpa | eager | flash_attention_2
-    # Planned for the estimate and validated; the training loop itself is data-parallel (ZeRO) only.
+    # Planned by the estimate (dry runs); a real launch with either > 1 is refused: the loop is data-parallel (ZeRO).
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     min_free_disk_gb: float = 1.0
