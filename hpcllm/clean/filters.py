@@ -122,7 +122,7 @@ def read_blacklist(path: Optional[str], words: Iterable[str] = ()) -> list[str]:
 
 def blacklist_pattern(entries: list[str]) -> "re.Pattern":
     """One alternation; a Latin word matches as a whole word (ass != class), Chinese anywhere."""
-    parts = [rf"(?<![\w]){re.escape(e)}(?![\w])" if re.fullmatch(r"[\x00-\x7f]+", e) else re.escape(e)
+    parts = [rf"(?<![A-Za-z0-9]){re.escape(e)}(?![A-Za-z0-9])" if re.fullmatch(r"[\x00-\x7f]+", e) else re.escape(e)
              for e in entries]
     return re.compile("|".join(parts), re.IGNORECASE)
 
@@ -191,11 +191,12 @@ class CharRepetitionFilter(GopherRepetitionFilter):
         return self.language
 
 
-EMAIL = r"\b[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}\b"
+# Boundaries are ASCII classes, not \b: a Han character counts as a word character for \b.
+EMAIL = r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])"
 # Chinese mobiles (+86 optional, 1[3-9] and 9 digits, spaces/dashes allowed after the 3rd and 7th digit),
 # then international / landline numbers written with a leading + or an area code in parentheses/dashes.
 PHONE = (r"(?<![\d])(?:(?:\+|00)86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?![\d])"
-         r"|(?<![\d\w])(?:\+\d{1,3}[- .]?)?(?:\(\d{2,4}\)|\d{3,4})[- .]\d{3,4}[- .]?\d{3,4}(?![\d])")
+         r"|(?<![\dA-Za-z])(?:\+\d{1,3}[- .]?)?(?:\(\d{2,4}\)|\d{3,4})[- .]\d{3,4}[- .]?\d{3,4}(?![\d])")
 CN_ID = r"(?<![\dA-Za-z])[1-9]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![\dA-Za-z])"
 IPV4 = r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|[01]?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|[01]?\d?\d)(?![\d.])"
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)

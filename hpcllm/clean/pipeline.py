@@ -33,8 +33,8 @@ from hpcllm.clean.records import (CleanReader, ExcludedWriter, LengthHistogram, 
                                   input_root, intermediate_writer)
 from hpcllm.clean.text import ScriptWordTokenizer
 
-# The order rules run in, and the report's row order.
-RULES = ("record", "language", "length", "punctuation", "ratios", "gopher_quality", "gopher_repetition", "c4",
+# The order rules run in (Gopher repetition before quality, as FineWeb does) and the report's row order.
+RULES = ("record", "language", "length", "punctuation", "ratios", "gopher_repetition", "gopher_quality", "c4",
          "fineweb", "blacklist", "sft_answer", "exact_dedup", "minhash_dedup")
 
 
@@ -89,15 +89,15 @@ def rule_steps(cfg, layout: Layout) -> List[PipelineStep]:
             c.min_terminal_line_ratio, c.min_sentences, c.max_sentence_chars, ex("punctuation"))),
         ("ratios", cfg.ratios, lambda c: F.RatiosFilter(c.max_symbol_ratio, c.max_digit_ratio, c.max_url_ratio,
                                                          ex("ratios"))),
-        ("gopher_quality", cfg.gopher_quality, lambda c: GopherQualityFilter(
-            c.min_doc_words, c.max_doc_words, c.min_avg_word_length, c.max_avg_word_length, c.max_symbol_word_ratio,
-            c.max_bullet_lines_ratio, c.max_ellipsis_lines_ratio, c.max_non_alpha_words_ratio, c.min_stop_words,
-            list(c.stop_words) if c.stop_words is not None else None, ex("gopher_quality"), language=tok)),
         ("gopher_repetition", cfg.gopher_repetition, lambda c: repetition(
             dup_line_frac=c.dup_line_frac, dup_para_frac=c.dup_para_frac, dup_line_char_frac=c.dup_line_char_frac,
             dup_para_char_frac=c.dup_para_char_frac, top_n_grams=tuple((int(n), float(f)) for n, f in c.top_n_grams),
             dup_n_grams=tuple((int(n), float(f)) for n, f in c.dup_n_grams), exclusion_writer=ex("gopher_repetition"),
             language=tok)),
+        ("gopher_quality", cfg.gopher_quality, lambda c: GopherQualityFilter(
+            c.min_doc_words, c.max_doc_words, c.min_avg_word_length, c.max_avg_word_length, c.max_symbol_word_ratio,
+            c.max_bullet_lines_ratio, c.max_ellipsis_lines_ratio, c.max_non_alpha_words_ratio, c.min_stop_words,
+            list(c.stop_words) if c.stop_words is not None else None, ex("gopher_quality"), language=tok)),
         ("c4", cfg.c4, lambda c: C4QualityFilter(
             ex("c4"), filter_no_terminal_punct=c.filter_no_terminal_punct, min_num_sentences=c.min_num_sentences,
             min_words_per_line=c.min_words_per_line, filter_curly_bracket=c.filter_curly_bracket, language=tok)),
