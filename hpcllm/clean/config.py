@@ -4,6 +4,8 @@ Presets in ``conf/clean/`` (zh_web, en_web, sft) extend ``base_clean`` (``defaul
 so a misspelt key fails at composition naming it. Every step has ``enabled``; a disabled step is not
 built. Lengths are in characters (not whitespace words), which is what Chinese text needs.
 """
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -251,6 +253,10 @@ def validate(cfg) -> None:
                                    "Hugging Face encoder (e.g. bge-small-zh); nothing is downloaded")
     if cfg.minhash.enabled and cfg.minhash.n_grams < 1:
         raise CleanConfigError("minhash.n_grams must be >= 1")
+    if cfg.cluster == "slurm" and not re.fullmatch(r"[\w./+-]+", os.path.abspath(cfg.output)):
+        # datatrove writes the log and pickle paths into its sbatch script unquoted.
+        raise CleanConfigError(f"output={cfg.output!r}: with cluster=slurm the path may hold only letters, digits "
+                               "and . _ - + / (datatrove's Slurm script does not quote it)")
     if cfg.tasks is not None and cfg.tasks < 1:
         raise CleanConfigError(f"tasks={cfg.tasks}: must be >= 1 (or null for one task per input file)")
 

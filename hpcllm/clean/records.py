@@ -40,6 +40,11 @@ def list_inputs(spec: str) -> list[str]:
     return out
 
 
+def doc_chars(doc: Document) -> int:
+    """A document's length for the report: its text, plus the answer of an SFT record."""
+    return len(doc.text) + len(doc.metadata.get("answer", ""))
+
+
 def input_root(spec: str) -> str:
     """The folder input paths are listed relative to (inputs.txt)."""
     return os.path.abspath(spec if os.path.isdir(spec) else os.path.dirname(spec))
@@ -185,7 +190,7 @@ class ExcludedWriter(RecordWriter):
         document.metadata.setdefault("filter_reason", reason)
         entry = self._counts.setdefault(reason, {"documents": 0, "characters": 0, "examples": []})
         entry["documents"] += 1
-        entry["characters"] += len(document.text)
+        entry["characters"] += doc_chars(document)
         if len(entry["examples"]) < self.max_examples:
             entry["examples"].append({"source": document.metadata.get("source", document.id),
                                       "text": document.text[:300]})
@@ -216,7 +221,7 @@ class LengthHistogram(PipelineStep):
         bins = [0] * len(LENGTH_EDGES)
         documents = characters = 0
         for doc in data:
-            n = len(doc.text)
+            n = doc_chars(doc)
             bins[bisect.bisect_right(LENGTH_EDGES, n) - 1] += 1
             documents += 1
             characters += n

@@ -117,21 +117,28 @@ def _queued(job_ids) -> dict:
     return found
 
 
+def _doomed(order, queued: dict) -> list:
+    """Queued jobs that can never run: the first stage (in chain order) whose dependency failed or was
+    cancelled, and every stage after it, as each waits on the one before."""
+    first = next((i for i, j in enumerate(order) if "DependencyNeverSatisfied" in queued.get(j, ("", ""))[1]), None)
+    return [] if first is None else [j for j in order[first:] if j in queued]
+
+
 def _clear_stale_jobs(jobs_file: str) -> None:
-    """Jobs of a previous submission: cancel those that can never start (a dependency failed or was
-    cancelled); refuse while any other is queued or running, as both would write the same files."""
+    """Jobs of a previous submission: cancel those that can never start; refuse while any other is
+    queued or running, as both submissions would write the same files."""
     if not os.path.exists(jobs_file):
         return
     with open(jobs_file, encoding="utf-8") as f:
-        previous = json.load(f)
-    queued = _queued([j for j in previous.values() if j])
-    stuck = [j for j, (state, reason) in queued.items() if state == "PENDING" and "DependencyNeverSatisfied" in reason]
-    active = {j: s for j, s in queued.items() if j not in stuck}
+        order = [j for j in json.load(f).values() if j]
+    queued = _queued(order)
+    doomed = _doomed(order, queued)
+    active = {j: s for j, s in queued.items() if j not in doomed}
     if active:
         raise CleanConfigError(f"a previous submission for this output is still queued or running "
                                f"({', '.join(f'job {j} {s[0]}' for j, s in active.items())}): wait for it or scancel it")
-    if stuck:
-        subprocess.run(["scancel", *stuck], check=False)
+    if doomed:
+        subprocess.run(["scancel", *doomed], check=False)
 
 
 def submit_slurm(cfg, stages, layout: Layout) -> Optional[dict]:
@@ -155,8 +162,9 @@ def submit_slurm(cfg, stages, layout: Layout) -> Optional[dict]:
 
 def wait_for_jobs(layout: Layout, job_ids, poll_s: float = 2.0) -> dict:
     """Block until the submitted jobs left the queue; the report, or an error naming the unfinished stages."""
-    while _queued(job_ids):
-        if all("DependencyNeverSatisfied" in r for s, r in _queued(job_ids).values()):
+    while True:
+        queued = _queued(job_ids)
+        if not queued or len(_doomed(job_ids, queued)) == len(queued):
             break
         time.sleep(poll_s)
     done = os.path.exists(os.path.join(layout.logs, "report", "completions", "00000"))
