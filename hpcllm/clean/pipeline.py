@@ -7,7 +7,8 @@
    writing the MinHash signatures of what is left;
 3. ``minhash_buckets`` (one task per bucket), ``minhash_cluster`` (one task), ``minhash_filter`` (per
    shard) remove near-duplicates and write OUTPUT/data;
-4. ``report`` (one task) merges the per-task counts into clean_report.json/.md and the histogram PNG.
+4. ``semantic_dedup`` (one task, SFT, optional): embedding similarity of the prompts;
+5. ``report`` (one task) merges the per-task counts into clean_report.json/.md and the histogram PNG.
 
 Dedup runs after the rules so signatures only cover kept documents. Each stage's completion markers
 (OUTPUT/logs/<stage>/completions) make a rerun skip finished tasks; a task that was killed is
@@ -23,6 +24,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
 from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                               MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                         GopherRepetitionFilter)
 from datatrove.utils.hashing import HashConfig
@@ -31,11 +33,12 @@ from datatrove.utils.text import TextNormConfig, simplify_text
 from hpcllm.clean import filters as F
 from hpcllm.clean.records import (CleanReader, ExcludedWriter, LengthHistogram, RecordWriter, ShardReader,
                                   input_root, intermediate_writer)
+from hpcllm.clean.semantic import SemanticDedup
 from hpcllm.clean.text import ScriptWordTokenizer
 
 # The order rules run in (Gopher repetition before quality, as FineWeb does) and the report's row order.
 RULES = ("record", "language", "length", "punctuation", "ratios", "gopher_repetition", "gopher_quality", "c4",
-         "fineweb", "blacklist", "sft_answer", "exact_dedup", "minhash_dedup")
+         "fineweb", "blacklist", "sft_answer", "exact_dedup", "minhash_dedup", "semantic_dedup")
 
 
 @dataclass
@@ -136,8 +139,22 @@ def build_stages(cfg, num_files: int) -> List[Stage]:
                                  hash_config=HashConfig(precision=64))
     mh_cfg = _minhash_config(cfg)
     tok = ScriptWordTokenizer(cfg.language)
-    final_writer = lambda: [LengthHistogram("after", layout.parts),  # noqa: E731
-                            RecordWriter(layout.data, cfg.text_key, cfg.compression)]
+    semantic = cfg.semantic_dedup
+
+    def final_writer() -> List[PipelineStep]:
+        """The end of the last stage: OUTPUT/data, or the input of the semantic stage."""
+        if semantic.enabled:
+            return [intermediate_writer(layout.w("near_deduped"))]
+        return [LengthHistogram("after", layout.parts), RecordWriter(layout.data, cfg.text_key, cfg.compression)]
+
+    def semantic_stage() -> List[Stage]:
+        if not semantic.enabled:
+            return []
+        step = SemanticDedup(semantic.model_path, semantic.threshold, semantic.batch_size, semantic.max_length,
+                             _excluded(cfg, layout, "semantic_dedup"))
+        reader = JsonlReader(layout.w("near_deduped"), add_file_path=False)
+        return [Stage("semantic_dedup", [reader, step, LengthHistogram("after", layout.parts),
+                                         RecordWriter(layout.data, cfg.text_key, cfg.compression)], 1)]
 
     def dedup_head(folder: str) -> List[PipelineStep]:
         """After writing ``folder``: the signatures of the next dedup that will read it."""
@@ -151,7 +168,7 @@ def build_stages(cfg, num_files: int) -> List[Stage]:
     head = [reader, LengthHistogram("before", layout.parts)] + rule_steps(cfg, layout)
     stages: List[Stage] = []
     if not exact.enabled and not minhash.enabled:
-        return [Stage("filter", head + final_writer(), tasks)]
+        return [Stage("filter", head + final_writer(), tasks)] + semantic_stage()
     stages.append(Stage("filter", head + dedup_head(layout.w("filtered")), tasks))
     source = layout.w("filtered")
     if exact.enabled:
@@ -160,7 +177,7 @@ def build_stages(cfg, num_files: int) -> List[Stage]:
         drop = [ShardReader(source), ExactDedupFilter(layout.w("exact_dups"), exact_cfg,
                                                       exclusion_writer=_excluded(cfg, layout, "exact_dedup"))]
         if not minhash.enabled:
-            return stages + [Stage("exact_filter", drop + final_writer(), tasks)]
+            return stages + [Stage("exact_filter", drop + final_writer(), tasks)] + semantic_stage()
         stages.append(Stage("exact_filter", drop + dedup_head(layout.w("deduped")), tasks))
         source = layout.w("deduped")
     stages += [
@@ -172,4 +189,4 @@ def build_stages(cfg, num_files: int) -> List[Stage]:
             layout.w("minhash_remove"), exclusion_writer=_excluded(cfg, layout, "minhash_dedup"))] + final_writer(),
               tasks),
     ]
-    return stages
+    return stages + semantic_stage()

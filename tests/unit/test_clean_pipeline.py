@@ -137,3 +137,28 @@ def test_cli_reports_bad_input_and_refuses_a_foreign_output(tmp_path, capsys):
     assert clean_tool.main([f"input={inp}", f"output={tmp_path / 'busy'}"]) == 2
     assert "is not a cleaning run" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "busy" / "notes.txt")
+
+
+def tiny_encoder(folder: Path) -> str:
+    """A 1-layer BERT with random weights and the bundled demo tokenizer: it cannot judge meaning (a real
+    run gives e.g. bge-small-zh), but equal prompts embed equally and different ones do not."""
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(ROOT / "hpcllm" / "data" / "demo_tokenizer" / "tokenizer.json"),
+                                  pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_semantic_dedup_with_an_encoder_given_by_path(tmp_path):
+    records = [{"id": f"q{i}", "instruction": text, "output": "好的。"} for i, text in
+               enumerate(["介绍一下长城的历史。", "写一首关于春天的诗。", "介绍一下长城的历史。", "解释牛顿第一定律。"])]
+    inp = write_shards(tmp_path / "in", [records[:2], records[2:]])
+    report = clean("preset=sft", f"input={inp}", f"output={tmp_path / 'out'}", "exact_dedup.enabled=false",
+                   "minhash.enabled=false", "semantic_dedup.enabled=true", "semantic_dedup.threshold=0.9999",
+                   f"semantic_dedup.model_path={tiny_encoder(tmp_path / 'enc')}")
+    assert ids(str(tmp_path / "out" / "data" / "*")) == ["q0", "q1", "q3"]
+    assert ids(str(tmp_path / "out" / "excluded" / "semantic_dedup" / "*")) == ["q2"]
+    assert {r["rule"]: r["documents"] for r in report["rules"]} == {"semantic_dedup": 1}
