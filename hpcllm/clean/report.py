@@ -94,13 +94,13 @@ def plot_histogram(hist: dict, path: str) -> None:
 
     edges = hist["edges"]
     labels = [f"{e:,}" for e in edges]
-    last = max([i for i, (b, a) in enumerate(zip(hist["before"], hist["after"])) if a or b] or [0]) + 1
-    x = range(last)
+    used = [i for i, (b, a) in enumerate(zip(hist["before"], hist["after"])) if a or b] or [0]
+    x = range(used[0], used[-1] + 1)  # the bins between the shortest and the longest document
     fig, ax = plt.subplots(figsize=(9, 4))
-    ax.bar([i - 0.2 for i in x], hist["before"][:last], width=0.4, label="before")
-    ax.bar([i + 0.2 for i in x], hist["after"][:last], width=0.4, label="after")
+    ax.bar([i - 0.2 for i in x], [hist["before"][i] for i in x], width=0.4, label="before")
+    ax.bar([i + 0.2 for i in x], [hist["after"][i] for i in x], width=0.4, label="after")
     ax.set_xticks(list(x))
-    ax.set_xticklabels([f">={lab}" for lab in labels[:last]], rotation=45, ha="right", fontsize=8)
+    ax.set_xticklabels([f">={labels[i]}" for i in x], rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("document length (characters)")
     ax.set_ylabel("documents")
     ax.set_title("Document lengths before and after cleaning")
