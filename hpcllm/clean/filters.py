@@ -95,7 +95,8 @@ class RatiosFilter(BaseFilter):
 
     def __init__(self, max_symbol_ratio: float, max_digit_ratio: float, max_url_ratio: float, exclusion_writer=None):
         super().__init__(exclusion_writer)
-        self.max_symbol_ratio, self.max_digit_ratio, self.max_url_ratio = max_symbol_ratio, max_digit_ratio, max_url_ratio
+        self.max_symbol_ratio, self.max_digit_ratio = max_symbol_ratio, max_digit_ratio
+        self.max_url_ratio = max_url_ratio
 
     def filter(self, doc: Document):
         n = max(T.visible_chars(doc.text), 1)
@@ -192,7 +193,8 @@ class CharRepetitionFilter(GopherRepetitionFilter):
 
 
 # Boundaries are ASCII classes, not \b: a Han character counts as a word character for \b.
-EMAIL = r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}(?![A-Za-z0-9-])"
+EMAIL = (r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}"
+         r"(?![A-Za-z0-9-])")
 # Chinese mobiles (+86 optional, 1[3-9] and 9 digits, spaces/dashes allowed after the 3rd and 7th digit),
 # then international / landline numbers written with a leading + or an area code in parentheses/dashes.
 PHONE = (r"(?<![\d])(?:(?:\+|00)86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?![\d])"

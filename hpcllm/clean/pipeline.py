@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
+from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
+                                                  ExactFindDedups)
 from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                               MinhashDedupFilter, MinhashDedupSignature)
 from datatrove.pipeline.readers import JsonlReader
@@ -180,13 +181,12 @@ def build_stages(cfg, num_files: int) -> List[Stage]:
             return stages + [Stage("exact_filter", drop + final_writer(), tasks)] + semantic_stage()
         stages.append(Stage("exact_filter", drop + dedup_head(layout.w("deduped")), tasks))
         source = layout.w("deduped")
+    buckets, remove = layout.w("minhash_buckets"), layout.w("minhash_remove")
+    near = MinhashDedupFilter(remove, exclusion_writer=_excluded(cfg, layout, "minhash_dedup"))
     stages += [
-        Stage("minhash_buckets", [MinhashDedupBuckets(layout.w("minhash_sigs"), layout.w("minhash_buckets"), config=mh_cfg)],
+        Stage("minhash_buckets", [MinhashDedupBuckets(layout.w("minhash_sigs"), buckets, config=mh_cfg)],
               minhash.num_buckets),
-        Stage("minhash_cluster", [MinhashDedupCluster(layout.w("minhash_buckets"), layout.w("minhash_remove"), config=mh_cfg)],
-              1),
-        Stage("minhash_filter", [ShardReader(source), MinhashDedupFilter(
-            layout.w("minhash_remove"), exclusion_writer=_excluded(cfg, layout, "minhash_dedup"))] + final_writer(),
-              tasks),
+        Stage("minhash_cluster", [MinhashDedupCluster(buckets, remove, config=mh_cfg)], 1),
+        Stage("minhash_filter", [ShardReader(source), near] + final_writer(), tasks),
     ]
     return stages + semantic_stage()

@@ -159,7 +159,8 @@ class RecordWriter(JsonlWriter):
     name = "records"
 
     def __init__(self, folder: str, text_key: str, compression: str):
-        super().__init__(folder, output_filename="${rank}.jsonl", compression=None if compression == "none" else compression)
+        super().__init__(folder, output_filename="${rank}.jsonl",
+                         compression=None if compression == "none" else compression)
         self.text_key = text_key
 
     def _default_adapter(self, document: Document) -> dict:

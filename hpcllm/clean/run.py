@@ -135,8 +135,9 @@ def _clear_stale_jobs(jobs_file: str) -> None:
     doomed = _doomed(order, queued)
     active = {j: s for j, s in queued.items() if j not in doomed}
     if active:
-        raise CleanConfigError(f"a previous submission for this output is still queued or running "
-                               f"({', '.join(f'job {j} {s[0]}' for j, s in active.items())}): wait for it or scancel it")
+        jobs = ", ".join(f"job {j} {state}" for j, (state, _) in active.items())
+        raise CleanConfigError(f"a previous submission for this output is still queued or running ({jobs}): "
+                               "wait for it or scancel it")
     if doomed:
         subprocess.run(["scancel", *doomed], check=False)
 

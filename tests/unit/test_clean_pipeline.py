@@ -162,3 +162,25 @@ def test_semantic_dedup_with_an_encoder_given_by_path(tmp_path):
     assert ids(str(tmp_path / "out" / "data" / "*")) == ["q0", "q1", "q3"]
     assert ids(str(tmp_path / "out" / "excluded" / "semantic_dedup" / "*")) == ["q2"]
     assert {r["rule"]: r["documents"] for r in report["rules"]} == {"semantic_dedup": 1}
+
+
+def test_slurm_script_and_blocked_jobs_without_a_cluster(tmp_path):
+    from hpcllm.clean.pipeline import Layout, build_stages
+    from hpcllm.clean.run import _doomed, _slurm
+
+    cfg = clean_tool.compose_config(["input=x", f"output={tmp_path / 'o'}", "cluster=slurm", "slurm.account=proj",
+                                     "slurm.array_parallelism=4"])
+    stage = build_stages(cfg, 3)[0]
+    ex = _slurm(stage, Layout(cfg.output), cfg, None)
+    script = ex.get_launch_file_contents(ex.get_sbatch_args(3), "srun launch_pickled_pipeline x")
+    assert "#SBATCH --array=0-2%4" in script and "#SBATCH --account=proj" in script
+    assert "--partition" not in script and "--qos" not in script  # the cluster's defaults
+    assert f"export PATH={os.path.dirname(sys.executable)}:$PATH" in script  # datatrove's launcher of this env
+
+    order = ["1", "2", "3", "4"]
+    queued = {"2": ("PENDING", "DependencyNeverSatisfied"), "3": ("PENDING", "Dependency"), "4": ("PENDING", "Dependency")}
+    assert _doomed(order, queued) == ["2", "3", "4"]
+    assert _doomed(order, {"1": ("RUNNING", "None"), "2": ("PENDING", "Dependency")}) == []
+
+    with pytest.raises(CleanConfigError, match="with cluster=slurm the path may hold only"):
+        clean("input=x", f"output={tmp_path / 'with space'}", "cluster=slurm")
