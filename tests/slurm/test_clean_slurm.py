@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slurm
 def clean(out: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "tools" / "clean.py"), "preset=zh_web", f"input={FIXTURES / 'zh'}",
            f"output={out}", "cluster=slurm", "slurm.time=00:10:00", "slurm.mem_per_cpu_gb=1",
-           "slurm.job_name=hpcllm-test-clean", *extra]
+           "slurm.job_name=hpcllm-test-clean", "blacklist.enabled=true", f"blacklist.path={FIXTURES / 'blacklist.txt'}",
+           *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
