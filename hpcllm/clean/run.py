@@ -71,7 +71,9 @@ def _local(stage: Stage, layout: Layout, workers: int, depends) -> LocalPipeline
 
 def _slurm(stage: Stage, layout: Layout, cfg, depends) -> ArraySlurmExecutor:
     s = cfg.slurm
-    sbatch = dict(s.sbatch_args)
+    # As hpcllm's own pipelines: a stage whose predecessor failed or was cancelled leaves the queue
+    # instead of pending forever; rerunning the command resubmits what is unfinished.
+    sbatch = {"kill-on-invalid-dep": "yes", **s.sbatch_args}
     if s.account:
         sbatch["account"] = s.account
     return ArraySlurmExecutor(

@@ -174,6 +174,7 @@ def test_slurm_script_and_blocked_jobs_without_a_cluster(tmp_path):
     ex = _slurm(stage, Layout(cfg.output), cfg, None)
     script = ex.get_launch_file_contents(ex.get_sbatch_args(3), "srun launch_pickled_pipeline x")
     assert "#SBATCH --array=0-2%4" in script and "#SBATCH --account=proj" in script
+    assert "#SBATCH --kill-on-invalid-dep=yes" in script
     assert "--partition" not in script and "--qos" not in script  # the cluster's defaults
     assert f"export PATH={os.path.dirname(sys.executable)}:$PATH" in script  # datatrove's launcher of this env
 
