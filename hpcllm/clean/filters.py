@@ -100,9 +100,9 @@ class RatiosFilter(BaseFilter):
 
     def filter(self, doc: Document):
         n = max(T.visible_chars(doc.text), 1)
-        if len(T.SYMBOL.findall(doc.text)) / n > self.max_symbol_ratio:
+        if T.count(T.SYMBOL, doc.text) / n > self.max_symbol_ratio:
             return False, "symbol_ratio"
-        if len(T.DIGIT.findall(doc.text)) / n > self.max_digit_ratio:
+        if T.count(T.DIGIT, doc.text) / n > self.max_digit_ratio:
             return False, "digit_ratio"
         if sum(len(u) for u in T.URL.findall(doc.text)) / n > self.max_url_ratio:
             return False, "url_ratio"

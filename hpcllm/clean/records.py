@@ -126,7 +126,8 @@ class CleanReader(JsonlReader):
                     yield _invalid(raw.decode("utf-8", "replace"), source, "invalid_utf8", str(e))
                     continue
                 with self.track_time():
-                    yield self._document(line, source)
+                    doc = self._document(line, source)
+                yield doc
 
 
 def _invalid(line: str, source: str, reason: str, detail: str) -> Document:
