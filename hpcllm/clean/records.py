@@ -8,6 +8,7 @@ them to ``excluded/record/`` with the file and line.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Optional
 
@@ -115,8 +116,10 @@ class CleanReader(JsonlReader):
         return Document(text=text, id=str(record.get("id", source)), metadata=meta)
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
+        # Bytes, so one line that is not UTF-8 is excluded alone; BufferedReader gives line iteration
+        # over the .zst stream too.
         with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
-            for number, raw in enumerate(f, 1):
+            for number, raw in enumerate(io.BufferedReader(f), 1):
                 if not raw.strip():
                     continue
                 source = f"{self.data_folder.resolve_paths(filepath)}:{number}"

@@ -185,3 +185,22 @@ def test_slurm_script_and_blocked_jobs_without_a_cluster(tmp_path):
 
     with pytest.raises(CleanConfigError, match="with cluster=slurm the path may hold only"):
         clean("input=x", f"output={tmp_path / 'with space'}", "cluster=slurm")
+
+
+def test_gzip_and_zstd_inputs_bad_bytes_and_plain_output(tmp_path):
+    import gzip
+
+    import zstandard
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with gzip.open(inp / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "a", "text": ZH_KEEP[0]}, ensure_ascii=False) + "\n")
+    line = (json.dumps({"id": "b", "text": ZH_KEEP[1]}, ensure_ascii=False) + "\n").encode()
+    (inp / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(line + b'{"text": "\xff\xfe"}\n'))
+    report = clean(f"input={inp}", f"output={tmp_path / 'out'}", "compression=none")
+    kept = [json.loads(x) for p in sorted((tmp_path / "out" / "data").glob("*.jsonl")) for x in p.read_text().splitlines()]
+    assert [r["id"] for r in kept] == ["a", "b"]
+    bad = report["rules"][0]
+    assert bad["rule"] == "record" and list(bad["reasons"]) == ["invalid_utf8"]
+    assert bad["reasons"]["invalid_utf8"]["examples"][0]["source"].endswith("b.jsonl.zst:2")
