@@ -1,7 +1,8 @@
 """Reading input records into datatrove Documents and writing them back in their own shape.
 
 A Document keeps the original record in ``metadata["record"]``: the cleaned output and the
-``excluded/`` files are the user's records (only the text field changed, by PII masking), so
+``excluded/`` files are the user's records (only the text field changed, by PII masking and C4's
+line removal), so
 memmap_gen reads them and a rule is reverted by moving its excluded files back. Lines that are not
 JSON objects or have no text are not skipped silently: they are marked and the first filter moves
 them to ``excluded/record/`` with the file and line.
