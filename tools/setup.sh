@@ -11,5 +11,5 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "torch==${TORCH_VERSION}"
 # DeepSpeed ships as source whose build imports torch: build it against the torch above.
 .venv/bin/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed>=0.14"
-pip install -e ".[test]"
+pip install -e ".[test,clean]"
 echo "hpcllm: environment ready in .venv"
