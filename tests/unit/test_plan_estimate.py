@@ -175,7 +175,10 @@ def test_step_time_from_flops_and_mfu(jobs):
     cfg = jobs("model=llama2_7b", "hw=a100x8", "method.seq_len=2048", "method.micro_batch_size=1")
     est = estimate(cfg, derive(cfg), with_remedies=False)
     expected = est.flops_per_token * 2048 / (312e12 * 0.4)
-    assert est.step_time_s == pytest.approx(expected, rel=0.01)
+    assert est.time_breakdown["compute"] == pytest.approx(expected, rel=0.01)
+    # ZeRO-2 over NVSwitch: the gradient reduce-scatter hides behind backward, the all-gather of the
+    # updated parameters after the optimizer step does not (tests/unit/test_plan_time.py has the terms).
+    assert expected < est.step_time_s < 1.1 * expected and est.bound == "compute"
     assert est.flops_per_token == pytest.approx(6 * 6.74e9, rel=0.1)
 
 
