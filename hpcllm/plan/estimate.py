@@ -141,9 +141,10 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
     notes: List[str] = []
     tr = _trainable(cfg, arch)
     largest = F.largest_module_params(arch)
+    load_bytes = F.LOAD_BYTES.get(model.load_dtype) or p
     common = dict(stage=stage, dp=dp, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes, mixed=mixed,
                   offload_optimizer=zero.offload_optimizer, offload_param=zero.offload_param,
-                  largest_module=largest, load_bytes=p, zero_init=zero_init)
+                  largest_module=largest, load_bytes=load_bytes, zero_init=zero_init)
 
     # Which models are resident: the trained one, and per stage the extra ones, each under its own profile.
     stage_name = method.stage
@@ -206,8 +207,13 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
         buckets = F.bucket_bytes(trainable_for_buckets, p=p, reduce_bucket=zero.reduce_bucket_size,
                                  overlap_comm=zero.overlap_comm)
     context = F.CPU_RANK_RUNTIME_BYTES if on_cpu else F.CUDA_CONTEXT_BYTES
+    gathered = 0
+    if stage == 3 and stage_name != "eval":
+        gathered = F.zero3_gathered_bytes(trained_total, p=p, max_live=zero.stage3_max_live_parameters,
+                                          largest_module=largest)
     gpu = {
         "parameters": states.parameters + frozen,
+        "gathered": gathered,
         "gradients": states.gradients,
         "optimizer": states.optimizer,
         "activations": act,
@@ -222,11 +228,19 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
                                                               if z.stage == 3]
     if loaded_whole and not zero_init:
         # Reported as what the load peak adds above the training peak, so the terms still sum to the peak.
-        load = F.zero3_load_peak_bytes(max(loaded_whole), p=p) + context
+        load = F.zero3_load_peak_bytes(max(loaded_whole), p=load_bytes) + context
         gpu["zero3_load"] = max(0, load - sum(gpu.values()))
         if gpu["zero3_load"]:
             notes.append("zero3_load: the whole model passes through each GPU before ZeRO-3 partitions it "
                          "(train.zero_init=false); this, not training, sets the peak")
+    elif stage < 3 and load_bytes > p and not on_cpu:
+        # A script that moves the model to the GPU before the engine casts it holds it whole in load_dtype.
+        gpu["model_load"] = max(0, load_bytes * trained_total + context - sum(gpu.values()))
+    if load_bytes > p and not on_cpu:
+        notes.append(f"model.load_dtype={model.load_dtype}: every GPU holds the whole model in {model.load_dtype} "
+                     f"({F.gib(load_bytes * trained_total):.1f} GB) before it is cast"
+                     + (" and partitioned" if stage == 3 else "")
+                     + f"; load it in the training dtype ({derived.precision}) to avoid that peak")
 
     if on_cpu:
         # The ranks are CPU processes: their whole footprint, the model they build included, is this
@@ -398,7 +412,7 @@ def _with(cfg: DictConfig, derived: Derived, override: str):
                           grad_accum_steps=max(1, derived.global_batch_size // (cfg.method.micro_batch_size * dp)))
     elif key == "train.keep_last":
         cfg.train.keep_last = int(value)
-    elif key.endswith("_zero"):  # a frozen model's own profile, e.g. method.ppo.reference_zero
+    elif key.endswith("_zero") or key == "model.load_dtype":  # e.g. method.ppo.reference_zero
         OmegaConf.update(cfg, key, value)
     return cfg, derived
 
@@ -428,6 +442,8 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: Option
         return steps
 
     candidates: List[str] = []
+    if est.breakdown.get("zero3_load") or est.breakdown.get("model_load"):
+        candidates.append("model.load_dtype=auto")  # load in the training dtype: costs nothing
     mb = _candidate_micro_batch(cfg, derived, est.max_micro_batch_size)
     if mb:
         candidates.append(f"method.micro_batch_size={mb}")

@@ -27,6 +27,9 @@ CPU_RANK_RUNTIME_BYTES = int(0.5 * GIB)
 GPU_RANK_HOST_RUNTIME_BYTES = int(2.5 * GIB)
 FRAGMENTATION = 0.10
 DEEPSPEED_BUFFER_FACTOR = 1.5
+# Bytes per parameter of a whole model as a script loads it (model.load_dtype; None = the training dtype).
+LOAD_BYTES = {"auto": None, "fp32": 4, "fp16": 2, "bf16": 2}
+
 # DeepSpeed's CPU Adam (AVX512, fp32): parameters updated per second per CPU core. An assumption of the
 # order ZeRO-Offload (Ren et al. 2021) reports for its CPU-Adam (a 1B-parameter update in a fraction of a
 # second on one server), to be replaced by bench/bench_estimate.py --gpu measurements.
@@ -285,6 +288,15 @@ def zero3_load_peak_bytes(total: int, *, p: int) -> int:
     ``module.to(device)`` unless the parameters already carry ``ds_id``). The caching allocator keeps
     that memory reserved, so a ZeRO-3 rank peaks at no less than ``p * total`` bytes."""
     return p * total
+
+
+def zero3_gathered_bytes(total: int, *, p: int, max_live: int, largest_module: int) -> int:
+    """What ZeRO-3 keeps gathered beyond the two largest modules DeepSpeed's estimator counts: parameters
+    fetched ahead (``stage3_prefetch_bucket_size``) and those kept for reuse within
+    ``stage3_max_reuse_distance`` stay gathered until ``stage3_max_live_parameters`` (default 1e9: 2 GB in
+    fp16) are, which also bounds the prefetch; at most the whole model (so a model under 1e9 parameters
+    gains no parameter memory from ZeRO-3 with the defaults)."""
+    return max(0, p * min(max_live, total) - 4 * largest_module)
 
 
 def bucket_bytes(trainable: int, *, p: int, reduce_bucket: int, overlap_comm: bool) -> int:
