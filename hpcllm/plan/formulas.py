@@ -299,12 +299,22 @@ def zero3_gathered_bytes(total: int, *, p: int, max_live: int, largest_module: i
     return max(0, p * min(max_live, total) - 4 * largest_module)
 
 
-def bucket_bytes(trainable: int, *, p: int, reduce_bucket: int, overlap_comm: bool) -> int:
-    """Communication buffers from the zero profile: the gradient reduce bucket (``reduce_bucket_size``
-    elements in the training dtype, twice with ``overlap_comm`` as DeepSpeed double-buffers it), capped
-    at the trainable parameters it could ever hold. ZeRO-3's parameter prefetch bucket is part of the
-    gathered working set that :func:`model_states` already counts (``4 * largest_module``)."""
-    return min(reduce_bucket, trainable) * p * (2 if overlap_comm else 1)
+def bucket_bytes(trainable: int, *, p: int, reduce_bucket: int, overlap_comm: bool, stage: int = 0,
+                 contiguous_gradients: bool = True, lazy: bool = False) -> int:
+    """Communication buffers from the zero profile: the gradient reduce bucket of ``reduce_bucket_size``
+    elements in the training dtype. DeepSpeed's ZeRO optimizer allocates it whole with
+    ``contiguous_gradients``, whatever the number of trainable parameters: stages 1-2 twice with
+    ``overlap_comm`` (double buffering, ``setup_buckets``), stage 3 once (its IPG bucket); the measured
+    growth of 2 bytes per element of bucket for a 350M model (sunzeyeah/RLHF's table, 2e8 -> 5e9) shows it.
+    Stage 0 flattens at most the gradients there are. On CPU ranks (``lazy``) untouched pages of an
+    allocation are not resident, so only what the gradients fill counts. ZeRO-3's parameter prefetch is
+    part of the gathered working set (:func:`zero3_gathered_bytes`)."""
+    if trainable <= 0:
+        return 0
+    buffers = 2 if overlap_comm and stage < 3 else 1
+    if stage == 0 or not contiguous_gradients or lazy:
+        return min(reduce_bucket, trainable) * p * buffers
+    return reduce_bucket * p * buffers
 
 
 # ---------------------------------------------------------------------------------------------

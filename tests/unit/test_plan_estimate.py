@@ -57,7 +57,10 @@ def test_monotonic_in_micro_batch_and_sequence(jobs, preset):
 def test_checkpointing_and_higher_zero_stages_never_increase(jobs, preset):
     assert _gpu(jobs(*preset), train__gradient_checkpointing=True) <= _gpu(jobs(*preset))
     for chain in (["stage0", "stage1", "stage2", "stage3"], ["stage2", "stage2_offload"], ["stage3", "stage3_offload"]):
-        sizes = [_gpu(jobs(*preset), zero=z) for z in chain]
+        # With a small gradient bucket: DeepSpeed's ZeRO optimizer allocates reduce_bucket_size elements
+        # whole, so with the default stages 1-2 even cost more than 0 for an adapter (a 2 GB bucket for a
+        # few MB of gradients; tests/unit/test_plan_memory.py has the term).
+        sizes = [_gpu(jobs(*preset), zero=z, zero__reduce_bucket_size=1000) for z in chain]
         assert sizes == sorted(sizes, reverse=True), (chain, sizes)
 
 

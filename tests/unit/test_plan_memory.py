@@ -93,3 +93,18 @@ def test_frozen_base_keeps_activations_where_trainable_parameters_sit(jobs, meth
         assert act == layers * 1024 * per_layer
     # The eager softmax over seq + virtual tokens in fp32 plus its bf16 copy: 6 bytes x heads x keys per token.
     assert per_layer > 32 * (1024 + kv_extra) * 6
+
+
+def test_gradient_bucket_is_allocated_whole_by_the_zero_optimizer(jobs):
+    """DeepSpeed's ZeRO optimizer allocates reduce_bucket_size elements whatever the trainable count: a
+    LoRA job under ZeRO-2 pays 2 x 5e8 x 2 bytes with overlap_comm, ZeRO-3 one bucket, stage 0 only what
+    its gradients fill; CPU ranks only the pages the gradients touch."""
+    job = ("model=llama2_7b", "hw=a100x8", "method=lora")
+    trainable = estimate(jobs(*job), derive(jobs(*job)), with_remedies=False).trainable_params
+    assert _breakdown(jobs(*job, "zero=stage2"))["buckets"] == 2 * 500_000_000 * 2
+    assert _breakdown(jobs(*job, "zero=stage2", "zero.overlap_comm=false"))["buckets"] == 500_000_000 * 2
+    assert _breakdown(jobs(*job, "zero=stage3"))["buckets"] == 500_000_000 * 2
+    assert _breakdown(jobs(*job, "zero=stage0"))["buckets"] == 2 * trainable * 2
+    cpu = jobs("model=tiny_llama", "hw=cpu", "zero=stage2")
+    tiny = estimate(cpu, derive(cpu), with_remedies=False).trainable_params
+    assert _breakdown(cpu)["buckets"] == 2 * tiny * 4

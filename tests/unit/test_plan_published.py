@@ -133,6 +133,8 @@ def test_readme_reports_the_shares_it_claims():
         assert claim in readme, f"README should say '{claim}' (outside: {s['outside']})"
         for row_id in s["outside"]:
             assert row_id in readme, f"README should name {row_id}, outside the {kind} tolerance"
+    ooms = sum(r["measured_gb"] == "OOM" for r in ROWS)
+    assert f"all {ooms} published OOMs predicted not to fit" in readme
 
 
 def test_table_is_sourced_and_covers_every_adapter():
