@@ -389,7 +389,7 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
 # ---------------------------------------------------------------------------------------------
 
 ZERO_PROFILES = {  # preset name -> (stage, offload_optimizer, offload_param), as in conf/zero/
-    "stage1": (1, False, False), "stage2": (2, False, False), "stage2_offload": (2, True, False),
+    "stage0": (0, False, False), "stage1": (1, False, False), "stage2": (2, False, False), "stage2_offload": (2, True, False),
     "stage3": (3, False, False), "stage3_offload": (3, True, True),
 }
 
