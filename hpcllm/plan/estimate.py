@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from hpcllm.config import Derived
+from hpcllm.config import ConfigError, Derived
 from hpcllm.config.profiles import describe_extra_models, extra_models, role_key, zero_preset
 from hpcllm.plan import formulas as F
 from hpcllm.plan.formulas import GIB
@@ -141,7 +141,10 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
     notes: List[str] = []
     tr = _trainable(cfg, arch)
     largest = F.largest_module_params(arch)
-    load_bytes = F.LOAD_BYTES.get(model.load_dtype) or p
+    if model.load_dtype not in F.LOAD_BYTES:
+        raise ConfigError(f"model.load_dtype={model.load_dtype!r} is not a dtype: use one of "
+                          f"{', '.join(F.LOAD_BYTES)} (auto = the training dtype)")
+    load_bytes = F.LOAD_BYTES[model.load_dtype] or p
     common = dict(stage=stage, dp=dp, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes, mixed=mixed,
                   offload_optimizer=zero.offload_optimizer, offload_param=zero.offload_param,
                   largest_module=largest, load_bytes=load_bytes, zero_init=zero_init)
@@ -328,7 +331,8 @@ def _step_seconds(cfg: DictConfig, derived: Derived, arch: F.Arch, tr: _Trainabl
         compute_micro=compute_micro, micro_steps=micro_steps, traffic=traffic, ranks=dp,
         link=F.collective_link(hw), overlap_comm=zero.overlap_comm, reduce_bucket=zero.reduce_bucket_size, p=p,
         gather_calls=F.gather_calls_per_micro(arch, modules, gathers) if gathers else 0,
-        largest_module_bytes=p * F.largest_module_params(arch), checkpointing=checkpointing, offload=offload)
+        largest_module_bytes=p * F.largest_module_params(arch), checkpointing=checkpointing, offload=offload,
+        prefetch=zero.stage3_prefetch_bucket_size > 0)
 
 
 def _steps(cfg: DictConfig, derived: Derived, num_samples: Optional[int]) -> Optional[int]:

@@ -520,12 +520,13 @@ class StepTime:
 
 def step_seconds(*, compute_micro: float, micro_steps: int, traffic: ZeroTraffic, ranks: int, link: Link,
                  overlap_comm: bool, reduce_bucket: int, p: int, gather_calls: int, largest_module_bytes: int,
-                 checkpointing: bool = False, offload: float = 0.0) -> StepTime:
+                 checkpointing: bool = False, offload: float = 0.0, prefetch: bool = True) -> StepTime:
     """Step time of ``micro_steps`` micro steps of ``compute_micro`` seconds each, with the collectives of
     :func:`zero_traffic` and ``offload`` seconds of host transfers and CPU optimizer.
 
     Overlap as DeepSpeed achieves it: ZeRO-3 prefetches the next modules' parameters while the current
-    ones compute (the first module's gather is exposed), so a micro step takes ``max(compute, gathers)``
+    ones compute (the first module's gather is exposed; ``prefetch`` off, with a zero
+    ``stage3_prefetch_bucket_size``, every gather waits), so a micro step takes ``max(compute, gathers)``
     per pass, forward and backward; with ``overlap_comm`` the
     gradient reduce-scatter runs beside backward on its own stream and only its last bucket is exposed,
     without it the reduction waits for backward. Stage 0's all-reduce runs after backward (not hidden).
@@ -547,7 +548,10 @@ def step_seconds(*, compute_micro: float, micro_steps: int, traffic: ZeroTraffic
     fwd_share, gather_share = (1 / 4, 1 / 3) if checkpointing else (1 / 3, 1 / 2)
     fwd, bwd = compute_micro * fwd_share, compute_micro * (1 - fwd_share)
     gather_fwd, gather_bwd = gather * gather_share, gather * (1 - gather_share)
-    micro_time = max(fwd, gather_fwd) + max(bwd, gather_bwd + backward_comm) + tail + exposed_first
+    if prefetch:
+        micro_time = max(fwd, gather_fwd) + max(bwd, gather_bwd + backward_comm) + tail + exposed_first
+    else:  # stage3_prefetch_bucket_size=0: each module waits for its own gather
+        micro_time = fwd + gather_fwd + max(bwd + gather_bwd, gather_bwd + backward_comm) + tail
     step_comm = 0.0
     for kind, nbytes in traffic.per_step.items():
         calls = max(1, math.ceil(nbytes / max(1, reduce_bucket * p)))

@@ -156,7 +156,7 @@ def test_estimate_json_fields(jobs, tmp_path, capsys):
     saved = json.loads((tmp_path / "estimate.json").read_text())
     for key in ("gpu_mem_gb", "fits", "cpu_mem_gb", "breakdown", "max_micro_batch_size", "step_time_s",
                 "tokens_per_sec_per_gpu", "job_hours", "checkpoint_gb", "flops_per_token", "trainable_params",
-                "total_params", "remedies"):
+                "total_params", "remedies", "time_breakdown", "bound", "link"):
         assert key in saved
     assert set(saved["breakdown"]) >= {"parameters", "gradients", "optimizer", "activations", "logits"}
     assert saved["job_hours"] is None  # no max_steps, no data size

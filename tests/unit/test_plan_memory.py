@@ -52,6 +52,14 @@ def test_fp32_load_before_zero3_partitions_sets_the_peak_and_warns(jobs):
     assert "zero3_load" not in _breakdown(jobs(*job[:-3], "zero=stage3", "model.load_dtype=fp32"))
 
 
+def test_unknown_load_dtype_names_the_key(jobs):
+    from hpcllm.config import ConfigError
+
+    cfg = jobs("model.load_dtype=float32")
+    with pytest.raises(ConfigError, match="model.load_dtype='float32' is not a dtype: use one of auto, fp32, fp16, bf16"):
+        estimate(cfg, derive(cfg))
+
+
 def test_fp32_load_without_zero3_is_counted_too(jobs):
     job = ("model=llama2_7b", "hw=a100x8_40gb", "method=lora", "zero=stage2", "method.seq_len=256",
            "method.micro_batch_size=1")

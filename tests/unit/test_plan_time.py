@@ -117,6 +117,14 @@ def test_zero3_bound_moves_from_communication_to_compute_as_sequences_grow(jobs)
     assert short.step_time_s > 4 * short.time_breakdown["compute"]
 
 
+def test_zero3_without_prefetch_waits_for_every_gather(jobs):
+    job = ("model=llama2_7b", "hw=a100x8", "zero=stage3", "method=sft", "method.seq_len=512")
+    prefetched, waiting = _estimate(jobs(*job)), _estimate(jobs(*job, "zero.stage3_prefetch_bucket_size=0"))
+    gathers = 2 * 2 * 6.74e9 * 7 / 8 / 230e9  # forward and backward, bf16, over NVSwitch
+    assert prefetched.time_breakdown["exposed_communication"] < 0.1 * gathers
+    assert waiting.step_time_s - prefetched.step_time_s == pytest.approx(gathers, rel=0.1)
+
+
 def test_faster_links_are_never_slower_and_zero3_costs_most_on_a_slow_link(jobs):
     job = ("model=llama2_7b", "method=sft", "method.micro_batch_size=1", "method.seq_len=512")
     pcie, nvswitch = _estimate(jobs(*job, "hw=a40x4", "zero=stage3")), _estimate(jobs(*job, "hw=a100x8", "zero=stage3"))
