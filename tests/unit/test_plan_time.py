@@ -165,3 +165,16 @@ def test_time_line_names_the_bound(jobs):
                "method.seq_len=128")
     table = format_table(cfg, _estimate(cfg))
     assert "bound by communication" in table and "pcie" in table
+
+
+def test_readme_time_lines_are_what_the_estimate_prints(jobs):
+    import os
+
+    from hpcllm.config import PROJECT_ROOT
+
+    cfg = jobs("model=llama2_7b", "method=sft", "hw=a40x4", "zero=stage3", "method.seq_len=256",
+               "method.micro_batch_size=1", "train.max_steps=1000")
+    table = format_table(cfg, _estimate(cfg)).splitlines()
+    readme = open(os.path.join(PROJECT_ROOT, "README.md")).read()
+    time_lines = [line for line in table if line.strip().startswith(("time ", "bound by"))]
+    assert len(time_lines) == 2 and all(line in readme for line in time_lines)
