@@ -208,7 +208,7 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
     buckets = 0
     if stage_name != "eval":
         buckets = F.bucket_bytes(trainable_for_buckets, p=p, reduce_bucket=zero.reduce_bucket_size,
-                                 overlap_comm=zero.overlap_comm, stage=stage if dp > 1 or stage else 0,
+                                 overlap_comm=zero.overlap_comm, stage=stage,
                                  contiguous_gradients=zero.contiguous_gradients, lazy=on_cpu)
     context = F.CPU_RANK_RUNTIME_BYTES if on_cpu else F.CUDA_CONTEXT_BYTES
     gathered = 0
