@@ -527,10 +527,10 @@ def step_seconds(*, compute_micro: float, micro_steps: int, traffic: ZeroTraffic
     Overlap as DeepSpeed achieves it: ZeRO-3 prefetches the next modules' parameters while the current
     ones compute (the first module's gather is exposed; ``prefetch`` off, with a zero
     ``stage3_prefetch_bucket_size``, every gather waits), so a micro step takes ``max(compute, gathers)``
-    per pass, forward and backward; with ``overlap_comm`` the
-    gradient reduce-scatter runs beside backward on its own stream and only its last bucket is exposed,
-    without it the reduction waits for backward. Stage 0's all-reduce runs after backward (not hidden).
-    The all-gather of updated parameters (stages 1-2) follows the optimizer step and is not hidden.
+    per pass, forward and backward. With ``overlap_comm`` the gradient reduce-scatter of stages 2-3 runs
+    beside backward on its own stream and only its last bucket is exposed; without it the reduction
+    waits for backward. Stages 0-1 reduce once per step, after the last backward (not hidden), and the
+    all-gather of updated parameters (stages 1-2) follows the optimizer step (not hidden either).
     """
     micro = traffic.per_micro
     gather = ring_seconds("all_gather", micro.get("all_gather", 0), ranks, link, calls=gather_calls)
