@@ -87,7 +87,7 @@ def capacity_line(cfg: DictConfig, est: Estimate) -> str:
             f"zero={cfg.zero.name:<14s} gc={'on ' if cfg.train.gradient_checkpointing else 'off'} "
             f"gpu {est.gpu_mem_gb:7.2f}/{est.gpu_capacity_gb:.0f} GB  cpu {est.cpu_mem_gb:7.1f}/"
             f"{est.cpu_capacity_gb:.0f} GB  {est.step_time_s:8.3g} s/step  "
-            f"{est.tokens_per_sec_per_gpu:9,.0f} tok/s/gpu  max_mb={est.max_micro_batch_size}")
+            f"{est.tokens_per_sec_per_gpu:9,.0f} tok/s/gpu  max_mb={est.max_micro_batch_size}  {est.bound}-bound")
 
 
 def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[int] = None,

@@ -215,7 +215,8 @@ def test_capacity_line_is_one_line(jobs):
     for mb in (1, 2, 4, 8):
         cfg = jobs(*GLM_V100, "zero=stage3_offload", f"method.micro_batch_size={mb}")
         lines.append(capacity_line(cfg, estimate(cfg, derive(cfg), with_remedies=False)))
-    assert all("\n" not in line and f"mb={mb}" in line for line, mb in zip(lines, (1, 2, 4, 8)))
+    assert all("\n" not in line and f"mb={mb}" in line and line.endswith("-bound")
+               for line, mb in zip(lines, (1, 2, 4, 8)))
     assert lines[0].startswith("fits")
 
 

@@ -56,6 +56,10 @@ def test_choose_layout_applies_the_fastest(job, ranked, capsys):
     out = capsys.readouterr().out
     assert "layout=auto: candidates, fastest fitting first" in out
     assert f"->  1. fits zero={best.zero}" in out and "OOM  zero=stage0" in out
+    # The README shows this ranking for the same job.
+    readme = open(os.path.join(PROJECT_ROOT, "README.md")).read().splitlines()
+    shown = [line for line in readme if "tok/s/gpu  bound by" in line]
+    assert len(shown) >= 3 and all(line in out.splitlines() for line in shown)
 
 
 def test_manual_is_untouched_and_nothing_fitting_leaves_the_job_to_the_preflight(job):
