@@ -14,12 +14,13 @@ import hpcllm.config  # noqa: F401  (registers the schemas and resolvers)
 from hpcllm.config import ConfigError
 from hpcllm.launch import backends
 from hpcllm.launch.job import prepare
-from hpcllm.plan import PreflightRefused
+from hpcllm.plan import PreflightRefused, choose_layout
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        cfg = choose_layout(cfg)  # layout=auto: the fastest layout predicted to fit, before rendering
         job = prepare(cfg, HydraConfig.get().runtime.output_dir)
         backends.plan(job)
     except PreflightRefused as err:

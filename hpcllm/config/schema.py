@@ -54,6 +54,10 @@ class ModelConfig:
     # Which hyper-parameters a method gets when its method.* values are null: published (recipes for
     # the model's size, with sources) or demo (tiny test models on the bundled demo data).
     recipe: str = "published"
+    # The dtype the weights are loaded in before the engine casts them: "auto" = the training dtype
+    # (hpcllm's loader); "fp32" models a script that loads without torch_dtype, so each GPU holds the
+    # whole model in fp32 before ZeRO-3 partitions it (the pre-flight counts and warns about that peak).
+    load_dtype: str = "auto"  # auto | fp32 | fp16 | bf16
 
 
 @dataclass
@@ -164,6 +168,16 @@ class HwConfig:
     peak_tflops_fp32: float = MISSING
     mfu: float = 0.4  # assumed model-FLOPs utilisation for time estimates
     nccl_env: Dict[str, str] = field(default_factory=dict)
+    # Links for the communication time of the pre-flight (NCCL bus bandwidth of large collectives, as
+    # nccl-tests report it, GB/s per GPU; latency per ring step in microseconds).
+    intra_node_link: str = "pcie"  # nvswitch | nvlink | pcie | none: what GPUs of one node talk over
+    intra_node_bw_gbs: float = 20.0
+    intra_node_latency_us: float = 10.0
+    # Between nodes, per node with all its NICs together; None = typical for hw.interconnect (ib: 4 x HDR
+    # 200 Gb/s, roce: 4 x 100 GbE, ethernet: one 25 GbE link; see hpcllm.plan.formulas.INTERCONNECTS).
+    inter_node_bw_gbs: Optional[float] = None
+    inter_node_latency_us: Optional[float] = None
+    host_bw_gbs: float = 12.0  # CPU <-> GPU per GPU (PCIe), for offloaded optimizer states and parameters
 
 
 @dataclass
@@ -290,6 +304,9 @@ class JobConfig:
     wait: bool = False  # cluster=slurm: block until the job(s) end and exit non-zero if one failed
     pipeline: Optional[PipelineConfig] = None  # conf/pipeline/<name>.yaml (cluster=slurm)
     run_dir: Optional[str] = None  # filled from hydra.run.dir
+    # "manual": run the layout as composed; "auto": the pre-flight ranks ZeRO stage/offload, micro batch and
+    # gradient checkpointing by predicted step time among those predicted to fit, and runs the fastest.
+    layout: str = "manual"  # manual | auto
 
 
 GROUP_SCHEMAS = {

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from hpcllm.config import Derived
+from hpcllm.config import ConfigError, Derived
 from hpcllm.config.profiles import describe_extra_models, extra_models, role_key, zero_preset
 from hpcllm.plan import formulas as F
 from hpcllm.plan.formulas import GIB
@@ -46,6 +46,11 @@ class Estimate:
     disk_free_gb: Optional[float]
     remedies: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    # Seconds per step by resource (compute, communication, the part of it not hidden, offload), what the
+    # step is bound by, and the link the collectives cross.
+    time_breakdown: Dict[str, float] = field(default_factory=dict)
+    bound: str = "compute"
+    link: str = ""
 
     @property
     def fits(self) -> bool:
@@ -136,9 +141,13 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
     notes: List[str] = []
     tr = _trainable(cfg, arch)
     largest = F.largest_module_params(arch)
+    if model.load_dtype not in F.LOAD_BYTES:
+        raise ConfigError(f"model.load_dtype={model.load_dtype!r} is not a dtype: use one of "
+                          f"{', '.join(F.LOAD_BYTES)} (auto = the training dtype)")
+    load_bytes = F.LOAD_BYTES[model.load_dtype] or p
     common = dict(stage=stage, dp=dp, gpus_per_node=hw.gpus_per_node, nodes=hw.nodes, mixed=mixed,
                   offload_optimizer=zero.offload_optimizer, offload_param=zero.offload_param,
-                  largest_module=largest, load_bytes=p, zero_init=zero_init)
+                  largest_module=largest, load_bytes=load_bytes, zero_init=zero_init)
 
     # Which models are resident: the trained one, and per stage the extra ones, each under its own profile.
     stage_name = method.stage
@@ -199,10 +208,16 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
     buckets = 0
     if stage_name != "eval":
         buckets = F.bucket_bytes(trainable_for_buckets, p=p, reduce_bucket=zero.reduce_bucket_size,
-                                 overlap_comm=zero.overlap_comm)
+                                 overlap_comm=zero.overlap_comm, stage=stage,
+                                 contiguous_gradients=zero.contiguous_gradients, lazy=on_cpu)
     context = F.CPU_RANK_RUNTIME_BYTES if on_cpu else F.CUDA_CONTEXT_BYTES
+    gathered = 0
+    if stage == 3 and stage_name != "eval":
+        gathered = F.zero3_gathered_bytes(trained_total, p=p, max_live=zero.stage3_max_live_parameters,
+                                          largest_module=largest)
     gpu = {
         "parameters": states.parameters + frozen,
+        "gathered": gathered,
         "gradients": states.gradients,
         "optimizer": states.optimizer,
         "activations": act,
@@ -217,11 +232,19 @@ def _memory(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Opti
                                                               if z.stage == 3]
     if loaded_whole and not zero_init:
         # Reported as what the load peak adds above the training peak, so the terms still sum to the peak.
-        load = F.zero3_load_peak_bytes(max(loaded_whole), p=p) + context
+        load = F.zero3_load_peak_bytes(max(loaded_whole), p=load_bytes) + context
         gpu["zero3_load"] = max(0, load - sum(gpu.values()))
         if gpu["zero3_load"]:
             notes.append("zero3_load: the whole model passes through each GPU before ZeRO-3 partitions it "
                          "(train.zero_init=false); this, not training, sets the peak")
+    elif stage < 3 and load_bytes > p and not on_cpu:
+        # A script that moves the model to the GPU before the engine casts it holds it whole in load_dtype.
+        gpu["model_load"] = max(0, load_bytes * trained_total + context - sum(gpu.values()))
+    if load_bytes > p and not on_cpu:
+        notes.append(f"model.load_dtype={model.load_dtype}: every GPU holds the whole model in {model.load_dtype} "
+                     f"({F.gib(load_bytes * trained_total):.1f} GB) before it is cast"
+                     + (" and partitioned" if stage == 3 else "")
+                     + f"; load it in the training dtype ({derived.precision}) to avoid that peak")
 
     if on_cpu:
         # The ranks are CPU processes: their whole footprint, the model they build included, is this
@@ -256,7 +279,7 @@ def _max_micro_batch(cfg: DictConfig, derived: Derived, zero_init: bool, limit: 
 
 
 def _time(cfg: DictConfig, derived: Derived, arch: F.Arch, tr: _Trainable, trainable: int):
-    method, train, hw, zero = cfg.method, cfg.train, cfg.hw, cfg.zero
+    method, train, hw = cfg.method, cfg.train, cfg.hw
     seq = method.seq_len + (method.ppo.max_new_tokens if method.stage == "ppo" else 0)
     frozen_fraction = 1.0 - min(1.0, trainable / max(tr.total, 1))
     layers_fraction = tr.layers_backward / arch.layers
@@ -269,19 +292,47 @@ def _time(cfg: DictConfig, derived: Derived, arch: F.Arch, tr: _Trainable, train
         if method.stage == "ppo":
             fpt *= 2  # actor and critic both train on every rollout token
     pairs = 2 if method.stage in ("reward", "dpo") else 1
-    tokens_per_gpu_step = method.micro_batch_size * seq * pairs * derived.grad_accum_steps
     if method.stage == "dpo" and not method.dpo.precompute_reference:
         fpt += 2.0 * F.matmul_params(arch)  # reference forward
     peak = (hw.peak_tflops_16bit if derived.precision in ("fp16", "bf16") else hw.peak_tflops_fp32) * 1e12
     # Data parallel: every GPU computes its own micro batches; tensor/pipeline parallel ranks share one.
     model_parallel = train.tensor_parallel * train.pipeline_parallel
-    step = fpt * tokens_per_gpu_step / model_parallel / (peak * hw.mfu)
-    if zero.offload_optimizer and method.stage != "eval":
-        # Gradients go to the CPU and updated 16-bit parameters come back over PCIe once per step.
-        moved = (4 + (2 if derived.precision != "fp32" else 4)) * trainable / derived.data_parallel_size
-        step += moved / F.PCIE_BYTES_PER_S
-    tokens_per_s = tokens_per_gpu_step / model_parallel / step if step > 0 else 0.0
-    return fpt, step, tokens_per_s
+    tokens_per_micro = method.micro_batch_size * seq * pairs
+    compute_micro = fpt * tokens_per_micro / model_parallel / (peak * hw.mfu)
+    times = _step_seconds(cfg, derived, arch, tr, trainable, compute_micro)
+    tokens_per_gpu_step = tokens_per_micro * derived.grad_accum_steps
+    tokens_per_s = tokens_per_gpu_step / model_parallel / times.total if times.total > 0 else 0.0
+    return fpt, times, tokens_per_s
+
+
+def _step_seconds(cfg: DictConfig, derived: Derived, arch: F.Arch, tr: _Trainable, trainable: int,
+                  compute_micro: float) -> F.StepTime:
+    """Compute, the ZeRO stage's collectives over the links of ``hw`` and offload, overlapped as DeepSpeed
+    does (:func:`hpcllm.plan.formulas.step_seconds`)."""
+    zero, train, hw = cfg.zero, cfg.train, cfg.hw
+    p = 2 if derived.precision in ("fp16", "bf16") else 4
+    dp, micro_steps = derived.data_parallel_size, derived.grad_accum_steps
+    training = cfg.method.stage != "eval"
+    checkpointing = bool(train.gradient_checkpointing) and training
+    stage = zero.stage if dp > 1 else 0
+    traffic = F.zero_traffic(stage, tr.total, trainable if training else 0, p=p, checkpointing=checkpointing)
+    if not training:  # a forward pass: ZeRO-3 gathers once, nothing is reduced
+        traffic = F.ZeroTraffic({"all_gather": p * tr.total} if stage == 3 else {}, {})
+    gathers = 0 if stage != 3 else (1 if not training else 3 if checkpointing else 2)
+    modules = 4 if (arch.fused_gate_up or not arch.gated) else 7
+    offload = 0.0
+    if training and zero.offload_optimizer:
+        cores_per_rank = max(1, hw.cpus_per_node // hw.gpus_per_node)
+        offload = F.offload_seconds(
+            trainable=trainable, total=tr.total, dp=dp, p=p, micro_steps=micro_steps, host_bw=hw.host_bw_gbs * 1e9,
+            offload_optimizer=True, offload_param=zero.offload_param and zero.stage == 3, gathers_per_micro=gathers,
+            adam_params_per_s=cores_per_rank * F.CPU_ADAM_PARAMS_PER_CORE_S)
+    return F.step_seconds(
+        compute_micro=compute_micro, micro_steps=micro_steps, traffic=traffic, ranks=dp,
+        link=F.collective_link(hw), overlap_comm=zero.overlap_comm, reduce_bucket=zero.reduce_bucket_size, p=p,
+        gather_calls=F.gather_calls_per_micro(arch, modules, gathers) if gathers else 0,
+        largest_module_bytes=p * F.largest_module_params(arch), checkpointing=checkpointing, offload=offload,
+        prefetch=zero.stage3_prefetch_bucket_size > 0)
 
 
 def _steps(cfg: DictConfig, derived: Derived, num_samples: Optional[int]) -> Optional[int]:
@@ -305,7 +356,8 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
     arch = F.arch_of(cfg.model)
     gpu, cpu, tr, trainable, notes = _memory(cfg, derived, cfg.method.micro_batch_size, zero_init)
     fits_gpu, fits_cpu = _fits(cfg, gpu, cpu)
-    fpt, step_s, tps = _time(cfg, derived, arch, tr, trainable)
+    fpt, times, tps = _time(cfg, derived, arch, tr, trainable)
+    step_s = times.total
     steps = _steps(cfg, derived, num_samples)
     p = 2 if derived.precision in ("fp16", "bf16") else 4
     ckpt = F.checkpoint_bytes(tr.total, trainable, p=p) if cfg.method.stage != "eval" else 0
@@ -324,6 +376,10 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
                               else cfg.method.micro_batch_size),
         total_params=tr.total, trainable_params=trainable, flops_per_token=fpt,
         step_time_s=round(step_s, 4), tokens_per_sec_per_gpu=round(tps, 1), steps=steps,
+        time_breakdown={"compute": round(times.compute, 4), "communication": round(times.communication, 4),
+                        "exposed_communication": round(times.exposed_communication, 4),
+                        "offload": round(times.offload, 4)},
+        bound=times.bound, link=F.collective_link(cfg.hw).name,
         job_hours=None if steps is None else round(steps * step_s / 3600, 3),
         checkpoint_gb=F.gib(ckpt), disk_needed_gb=F.gib(needed), disk_free_gb=F.gib(free), notes=notes,
     )
@@ -337,7 +393,7 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
 # ---------------------------------------------------------------------------------------------
 
 ZERO_PROFILES = {  # preset name -> (stage, offload_optimizer, offload_param), as in conf/zero/
-    "stage1": (1, False, False), "stage2": (2, False, False), "stage2_offload": (2, True, False),
+    "stage0": (0, False, False), "stage1": (1, False, False), "stage2": (2, False, False), "stage2_offload": (2, True, False),
     "stage3": (3, False, False), "stage3_offload": (3, True, True),
 }
 
@@ -361,7 +417,7 @@ def _with(cfg: DictConfig, derived: Derived, override: str):
                           grad_accum_steps=max(1, derived.global_batch_size // (cfg.method.micro_batch_size * dp)))
     elif key == "train.keep_last":
         cfg.train.keep_last = int(value)
-    elif key.endswith("_zero"):  # a frozen model's own profile, e.g. method.ppo.reference_zero
+    elif key.endswith("_zero") or key == "model.load_dtype":  # e.g. method.ppo.reference_zero
         OmegaConf.update(cfg, key, value)
     return cfg, derived
 
@@ -391,6 +447,8 @@ def remedies(cfg: DictConfig, derived: Derived, est: Estimate, zero_init: Option
         return steps
 
     candidates: List[str] = []
+    if est.breakdown.get("zero3_load") or est.breakdown.get("model_load"):
+        candidates.append("model.load_dtype=auto")  # load in the training dtype: costs nothing
     mb = _candidate_micro_batch(cfg, derived, est.max_micro_batch_size)
     if mb:
         candidates.append(f"method.micro_batch_size={mb}")

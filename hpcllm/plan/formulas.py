@@ -15,6 +15,7 @@ Sources:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
@@ -26,7 +27,13 @@ CPU_RANK_RUNTIME_BYTES = int(0.5 * GIB)
 GPU_RANK_HOST_RUNTIME_BYTES = int(2.5 * GIB)
 FRAGMENTATION = 0.10
 DEEPSPEED_BUFFER_FACTOR = 1.5
-PCIE_BYTES_PER_S = 12e9
+# Bytes per parameter of a whole model as a script loads it (model.load_dtype; None = the training dtype).
+LOAD_BYTES = {"auto": None, "fp32": 4, "fp16": 2, "bf16": 2}
+
+# DeepSpeed's CPU Adam (AVX512, fp32): parameters updated per second per CPU core. An assumption of the
+# order ZeRO-Offload (Ren et al. 2021) reports for its CPU-Adam (a 1B-parameter update in a fraction of a
+# second on one server), to be replaced by bench/bench_estimate.py --gpu measurements.
+CPU_ADAM_PARAMS_PER_CORE_S = 2e8
 
 
 @dataclass(frozen=True)
@@ -283,12 +290,31 @@ def zero3_load_peak_bytes(total: int, *, p: int) -> int:
     return p * total
 
 
-def bucket_bytes(trainable: int, *, p: int, reduce_bucket: int, overlap_comm: bool) -> int:
-    """Communication buffers from the zero profile: the gradient reduce bucket (``reduce_bucket_size``
-    elements in the training dtype, twice with ``overlap_comm`` as DeepSpeed double-buffers it), capped
-    at the trainable parameters it could ever hold. ZeRO-3's parameter prefetch bucket is part of the
-    gathered working set that :func:`model_states` already counts (``4 * largest_module``)."""
-    return min(reduce_bucket, trainable) * p * (2 if overlap_comm else 1)
+def zero3_gathered_bytes(total: int, *, p: int, max_live: int, largest_module: int) -> int:
+    """What ZeRO-3 keeps gathered beyond the two largest modules DeepSpeed's estimator counts: parameters
+    fetched ahead (``stage3_prefetch_bucket_size``) and those kept for reuse within
+    ``stage3_max_reuse_distance`` stay gathered until ``stage3_max_live_parameters`` (default 1e9: 2 GB in
+    fp16) are, which also bounds the prefetch; at most the whole model (so a model under 1e9 parameters
+    gains no parameter memory from ZeRO-3 with the defaults)."""
+    return max(0, p * min(max_live, total) - 4 * largest_module)
+
+
+def bucket_bytes(trainable: int, *, p: int, reduce_bucket: int, overlap_comm: bool, stage: int = 0,
+                 contiguous_gradients: bool = True, lazy: bool = False) -> int:
+    """Communication buffers from the zero profile: the gradient reduce bucket of ``reduce_bucket_size``
+    elements in the training dtype. DeepSpeed's ZeRO optimizer allocates it whole with
+    ``contiguous_gradients``, whatever the number of trainable parameters: stages 1-2 twice with
+    ``overlap_comm`` (double buffering, ``setup_buckets``), stage 3 once (its IPG bucket); the measured
+    growth of 2 bytes per element of bucket for a 350M model (sunzeyeah/RLHF's table, 2e8 -> 5e9) shows it.
+    Stage 0 flattens at most the gradients there are. On CPU ranks (``lazy``) untouched pages of an
+    allocation are not resident, so only what the gradients fill counts. ZeRO-3's parameter prefetch is
+    part of the gathered working set (:func:`zero3_gathered_bytes`)."""
+    if trainable <= 0:
+        return 0
+    buffers = 2 if overlap_comm and stage < 3 else 1
+    if stage == 0 or not contiguous_gradients or lazy:
+        return min(reduce_bucket, trainable) * p * buffers
+    return reduce_bucket * p * buffers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +412,179 @@ def flops_per_token(arch: Arch, seq: int, *, frozen_fraction: float = 0.0,
     bwd = backward_layers_fraction * (2 * n * (2 - frozen_fraction) + 2 * attn)
     recompute = backward_layers_fraction * fwd if checkpointing else 0.0
     return fwd + bwd + recompute
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication and offload (step time beyond FLOPs)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    """The link a collective crosses: NCCL bus bandwidth (bytes/s per GPU, as nccl-tests report it for
+    large messages) and the latency of one ring step (seconds)."""
+
+    name: str
+    bandwidth: float
+    latency: float
+
+
+# Between nodes, per node (all NICs together): NCCL bus bandwidth (GB/s) and latency per ring step (us),
+# typical for each hw.interconnect when hw.inter_node_bw_gbs / inter_node_latency_us are not set: about
+# 90 % of the line rate of 4 x HDR InfiniBand 200 Gb/s, of 4 x RoCE 100 GbE, and of one 25 GbE link
+# under NCCL's socket transport (which reaches less); "none" (no fabric named, e.g. hw=cpu's gloo ranks
+# spread over nodes) talks over the same sockets.
+INTERCONNECTS = {"ib": (90.0, 6.0), "roce": (45.0, 8.0), "ethernet": (2.5, 30.0), "none": (2.5, 30.0)}
+
+
+def collective_link(hw) -> Link:
+    """Inside one node the GPUs' own link; across nodes the ring is as fast as its slowest hop, the
+    node's NICs together (``hw.interconnect``), since NCCL runs one ring per NIC."""
+    intra = Link(hw.intra_node_link, hw.intra_node_bw_gbs * 1e9, hw.intra_node_latency_us * 1e-6)
+    if hw.nodes <= 1:
+        return intra
+    bw, latency = INTERCONNECTS.get(hw.interconnect, INTERCONNECTS["ethernet"])
+    bw = hw.inter_node_bw_gbs if hw.inter_node_bw_gbs is not None else bw
+    latency = hw.inter_node_latency_us if hw.inter_node_latency_us is not None else latency
+    return Link(f"{hw.intra_node_link} + {hw.interconnect}", min(intra.bandwidth, bw * 1e9),
+                max(intra.latency, latency * 1e-6))
+
+
+RING_PASSES = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}  # an all-reduce is both halves
+
+
+def ring_seconds(kind: str, nbytes: float, ranks: int, link: Link, calls: int = 1) -> float:
+    """One ring collective over ``ranks`` of a buffer of ``nbytes`` (the whole, unpartitioned buffer),
+    split into ``calls`` calls: each rank sends ``(n-1)/n`` of it for a reduce-scatter or an all-gather,
+    twice that for an all-reduce (a reduce-scatter followed by an all-gather), plus ``n-1`` (``2(n-1)``)
+    latencies per call (Thakur et al. 2005; NCCL's bus bandwidth is defined so that this holds)."""
+    if ranks <= 1 or nbytes <= 0:
+        return 0.0
+    return RING_PASSES[kind] * ((ranks - 1) / ranks * nbytes / link.bandwidth + calls * (ranks - 1) * link.latency)
+
+
+@dataclass(frozen=True)
+class ZeroTraffic:
+    """Bytes of the whole buffers a ZeRO stage moves per rank, by collective: ``per_micro`` in every
+    micro step, ``per_step`` once per optimizer step. Each rank sends ``(n-1)/n`` of each buffer."""
+
+    per_micro: Dict[str, int]
+    per_step: Dict[str, int]
+
+    def sent_per_rank(self, ranks: int, micro_steps: int = 1) -> float:
+        """Bytes one rank sends in an optimizer step of ``micro_steps`` micro steps."""
+        def passes(buffers):
+            return sum(RING_PASSES[kind] * nbytes for kind, nbytes in buffers.items())
+        return (ranks - 1) / ranks * (micro_steps * passes(self.per_micro) + passes(self.per_step))
+
+
+def zero_traffic(stage: int, total: int, trainable: int, *, p: int, checkpointing: bool = False) -> ZeroTraffic:
+    """The collectives of ZeRO ``stage`` (Rajbhandari et al. 2020, section 7: data parallelism and
+    P_os / P_os+g move ``2Ψ`` per step, P_os+g+p ``3Ψ``), as DeepSpeed runs them:
+
+    - stage 0: an all-reduce of the ``p*T`` gradient bytes at the accumulation boundary;
+    - stage 1: a reduce-scatter of the gradients at the boundary, then an all-gather of the updated
+      ``p*T`` parameter bytes (2Ψ);
+    - stage 2: gradients are partitioned, so the reduce-scatter runs every micro step; the all-gather of
+      the updated parameters once per step;
+    - stage 3: an all-gather of every parameter (``p*P``, frozen ones included: all are partitioned) in
+      forward and again in backward, once more when checkpointing recomputes the forward, and a
+      reduce-scatter of the gradients, every micro step (3Ψ, 4Ψ with recomputation).
+    """
+    grads, weights = p * trainable, p * total
+    if stage == 0:
+        return ZeroTraffic({}, {"all_reduce": grads})
+    if stage == 1:
+        return ZeroTraffic({}, {"reduce_scatter": grads, "all_gather": grads})
+    if stage == 2:
+        return ZeroTraffic({"reduce_scatter": grads}, {"all_gather": grads})
+    gathers = 3 if checkpointing else 2
+    return ZeroTraffic({"all_gather": gathers * weights, "reduce_scatter": grads}, {})
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step by resource, and the step as they overlap."""
+
+    compute: float  # FLOPs at the assumed utilisation
+    communication: float  # collectives, whether or not hidden behind compute
+    offload: float  # CPU <-> GPU copies and the CPU optimizer step
+    exposed_communication: float  # what the collectives add to the step beyond compute
+    total: float
+
+    @property
+    def bound(self) -> str:
+        """What the step waits on most: compute, communication or offload."""
+        times = {"compute": self.compute, "communication": self.communication, "offload": self.offload}
+        return max(times, key=times.get)
+
+
+def step_seconds(*, compute_micro: float, micro_steps: int, traffic: ZeroTraffic, ranks: int, link: Link,
+                 overlap_comm: bool, reduce_bucket: int, p: int, gather_calls: int, largest_module_bytes: int,
+                 checkpointing: bool = False, offload: float = 0.0, prefetch: bool = True) -> StepTime:
+    """Step time of ``micro_steps`` micro steps of ``compute_micro`` seconds each, with the collectives of
+    :func:`zero_traffic` and ``offload`` seconds of host transfers and CPU optimizer.
+
+    Overlap as DeepSpeed achieves it: ZeRO-3 prefetches the next modules' parameters while the current
+    ones compute (the first module's gather is exposed; ``prefetch`` off, with a zero
+    ``stage3_prefetch_bucket_size``, every gather waits), so a micro step takes ``max(compute, gathers)``
+    per pass, forward and backward. With ``overlap_comm`` the gradient reduce-scatter of stages 2-3 runs
+    beside backward on its own stream and only its last bucket is exposed; without it the reduction
+    waits for backward. Stages 0-1 reduce once per step, after the last backward (not hidden), and the
+    all-gather of updated parameters (stages 1-2) follows the optimizer step (not hidden either).
+    """
+    micro = traffic.per_micro
+    gather = ring_seconds("all_gather", micro.get("all_gather", 0), ranks, link, calls=gather_calls)
+    grads = micro.get("reduce_scatter", 0)
+    buckets = max(1, math.ceil(grads / max(1, reduce_bucket * p)))
+    reduce = ring_seconds("reduce_scatter", grads, ranks, link, calls=buckets)
+    exposed_first = ring_seconds("all_gather", largest_module_bytes, ranks, link) if gather else 0.0
+    if overlap_comm:
+        tail = ring_seconds("reduce_scatter", min(grads, reduce_bucket * p), ranks, link)
+        backward_comm = reduce - tail
+    else:
+        tail, backward_comm = reduce, 0.0
+    # Gathers are prefetched in any case; reductions share the backward pass when overlapped. Forward is
+    # a third of the FLOPs (a quarter with recomputation) and one of the two (three) gathers.
+    fwd_share, gather_share = (1 / 4, 1 / 3) if checkpointing else (1 / 3, 1 / 2)
+    fwd, bwd = compute_micro * fwd_share, compute_micro * (1 - fwd_share)
+    gather_fwd, gather_bwd = gather * gather_share, gather * (1 - gather_share)
+    if prefetch:
+        micro_time = max(fwd, gather_fwd) + max(bwd, gather_bwd + backward_comm) + tail + exposed_first
+    else:  # stage3_prefetch_bucket_size=0: each module waits for its own gather
+        micro_time = fwd + gather_fwd + max(bwd + gather_bwd, gather_bwd + backward_comm) + tail
+    step_comm = 0.0
+    for kind, nbytes in traffic.per_step.items():
+        calls = max(1, math.ceil(nbytes / max(1, reduce_bucket * p)))
+        step_comm += ring_seconds(kind, nbytes, ranks, link, calls=calls)
+    compute = compute_micro * micro_steps
+    total = micro_time * micro_steps + step_comm + offload
+    communication = (gather + reduce) * micro_steps + step_comm
+    return StepTime(compute=compute, communication=communication, offload=offload,
+                    exposed_communication=max(0.0, total - offload - compute), total=total)
+
+
+def offload_seconds(*, trainable: int, total: int, dp: int, p: int, micro_steps: int, host_bw: float,
+                    offload_optimizer: bool, offload_param: bool, gathers_per_micro: int,
+                    adam_params_per_s: float) -> float:
+    """CPU <-> GPU traffic and the CPU optimizer of ZeRO-Offload (Ren et al. 2021, section 4):
+    each micro step the rank's reduced gradient partition ``p*T/dp`` goes to the CPU, once per step CPU
+    Adam updates ``T/dp`` parameters and the updated ``p*T/dp`` come back; with parameter offload every
+    gather first copies the rank's ``p*P/dp`` partition from CPU memory. The PCIe copies of DeepSpeed's
+    CPU Adam are not overlapped with the update itself."""
+    if not offload_optimizer:
+        return 0.0
+    part = trainable / dp
+    moved = micro_steps * p * part + p * part
+    if offload_param:
+        moved += micro_steps * gathers_per_micro * p * total / dp
+    return moved / host_bw + part / adam_params_per_s
+
+
+def gather_calls_per_micro(arch: Arch, modules_per_layer: int, gathers: int) -> int:
+    """ZeRO-3 gathers parameters module by module: ``modules_per_layer`` linear modules in each layer
+    (norms stay resident below ``stage3_param_persistence_threshold``), plus embedding and head,
+    ``gathers`` times per micro step (forward, backward, recomputation)."""
+    return gathers * (arch.layers * modules_per_layer + 2)
 
 
 def checkpoint_bytes(total: int, trainable: int, *, p: int) -> int:

@@ -20,6 +20,19 @@ def _hours(est: Estimate) -> str:
     return "n/a (set train.max_steps or give the data size)" if est.job_hours is None else f"{est.job_hours:.2f} h"
 
 
+def _time_line(est: Estimate) -> str:
+    """What the step waits on: compute, the collectives over the link they cross (and how much of them
+    compute does not hide), the offload copies and CPU optimizer."""
+    t = est.time_breakdown
+    parts = [f"compute {t.get('compute', 0):.3g} s"]
+    if t.get("communication"):
+        parts.append(f"communication {t['communication']:.3g} s over {est.link} "
+                     f"({t.get('exposed_communication', 0):.3g} s not hidden)")
+    if t.get("offload"):
+        parts.append(f"offload {t['offload']:.3g} s")
+    return f"              bound by {est.bound}: " + ", ".join(parts)
+
+
 def format_table(cfg: DictConfig, est: Estimate) -> str:
     """A short human-readable table of the estimate."""
     unit = "rank" if cfg.hw.accelerator == "cpu" else "GPU"
@@ -37,6 +50,7 @@ def format_table(cfg: DictConfig, est: Estimate) -> str:
         f"  max micro batch that fits: {est.max_micro_batch_size}",
         f"  time          {est.step_time_s:.3g} s/step, {est.tokens_per_sec_per_gpu:,.0f} tokens/s per {unit}, "
         f"job {_hours(est)}",
+        "  " + _time_line(est),
         f"  disk          checkpoint {est.checkpoint_gb:.2f} GB x keep_last {cfg.train.keep_last} (+ export) = "
         f"{est.disk_needed_gb:.2f} GB, {disk_free}  {mark(est.fits_disk)}",
     ]
@@ -73,7 +87,7 @@ def capacity_line(cfg: DictConfig, est: Estimate) -> str:
             f"zero={cfg.zero.name:<14s} gc={'on ' if cfg.train.gradient_checkpointing else 'off'} "
             f"gpu {est.gpu_mem_gb:7.2f}/{est.gpu_capacity_gb:.0f} GB  cpu {est.cpu_mem_gb:7.1f}/"
             f"{est.cpu_capacity_gb:.0f} GB  {est.step_time_s:8.3g} s/step  "
-            f"{est.tokens_per_sec_per_gpu:9,.0f} tok/s/gpu  max_mb={est.max_micro_batch_size}")
+            f"{est.tokens_per_sec_per_gpu:9,.0f} tok/s/gpu  max_mb={est.max_micro_batch_size}  {est.bound}-bound")
 
 
 def preflight(cfg: DictConfig, derived: Derived, run_dir, num_samples: Optional[int] = None,

@@ -57,7 +57,10 @@ def test_monotonic_in_micro_batch_and_sequence(jobs, preset):
 def test_checkpointing_and_higher_zero_stages_never_increase(jobs, preset):
     assert _gpu(jobs(*preset), train__gradient_checkpointing=True) <= _gpu(jobs(*preset))
     for chain in (["stage0", "stage1", "stage2", "stage3"], ["stage2", "stage2_offload"], ["stage3", "stage3_offload"]):
-        sizes = [_gpu(jobs(*preset), zero=z) for z in chain]
+        # With a small gradient bucket: DeepSpeed's ZeRO optimizer allocates reduce_bucket_size elements
+        # whole, so with the default stages 1-2 even cost more than 0 for an adapter (a 2 GB bucket for a
+        # few MB of gradients; tests/unit/test_plan_memory.py has the term).
+        sizes = [_gpu(jobs(*preset), zero=z, zero__reduce_bucket_size=1000) for z in chain]
         assert sizes == sorted(sizes, reverse=True), (chain, sizes)
 
 
@@ -155,7 +158,7 @@ def test_estimate_json_fields(jobs, tmp_path, capsys):
     saved = json.loads((tmp_path / "estimate.json").read_text())
     for key in ("gpu_mem_gb", "fits", "cpu_mem_gb", "breakdown", "max_micro_batch_size", "step_time_s",
                 "tokens_per_sec_per_gpu", "job_hours", "checkpoint_gb", "flops_per_token", "trainable_params",
-                "total_params", "remedies"):
+                "total_params", "remedies", "time_breakdown", "bound", "link"):
         assert key in saved
     assert set(saved["breakdown"]) >= {"parameters", "gradients", "optimizer", "activations", "logits"}
     assert saved["job_hours"] is None  # no max_steps, no data size
@@ -178,7 +181,10 @@ def test_step_time_from_flops_and_mfu(jobs):
                "method.global_batch_size=8")
     est = estimate(cfg, derive(cfg), with_remedies=False)
     expected = est.flops_per_token * 2048 / (312e12 * 0.4)
-    assert est.step_time_s == pytest.approx(expected, rel=0.01)
+    assert est.time_breakdown["compute"] == pytest.approx(expected, rel=0.01)
+    # ZeRO-2 over NVSwitch: the gradient reduce-scatter hides behind backward, the all-gather of the
+    # updated parameters after the optimizer step does not (tests/unit/test_plan_time.py has the terms).
+    assert expected < est.step_time_s < 1.1 * expected and est.bound == "compute"
     assert est.flops_per_token == pytest.approx(6 * 6.74e9, rel=0.1)
 
 
@@ -212,7 +218,8 @@ def test_capacity_line_is_one_line(jobs):
     for mb in (1, 2, 4, 8):
         cfg = jobs(*GLM_V100, "zero=stage3_offload", f"method.micro_batch_size={mb}")
         lines.append(capacity_line(cfg, estimate(cfg, derive(cfg), with_remedies=False)))
-    assert all("\n" not in line and f"mb={mb}" in line for line, mb in zip(lines, (1, 2, 4, 8)))
+    assert all("\n" not in line and f"mb={mb}" in line and line.endswith("-bound")
+               for line, mb in zip(lines, (1, 2, 4, 8)))
     assert lines[0].startswith("fits")
 
 
