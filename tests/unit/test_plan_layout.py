@@ -9,7 +9,8 @@ import pytest
 from hpcllm.config import PROJECT_ROOT, ConfigError, compose, derive
 from hpcllm.plan import choose_layout, estimate, rank_layouts
 
-JOB = ["model=llama2_7b", "method=sft", "hw=a100x8_40gb", "method.seq_len=1024", "method.micro_batch_size=4"]
+JOB = ["model=llama2_7b", "method=sft", "hw=a100x8_40gb", "method.seq_len=1024", "method.micro_batch_size=4",
+       "method.global_batch_size=32"]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def test_fitting_layouts_come_first_fastest_first_and_keep_the_global_batch(job,
         est = estimate(cfg, derive(cfg), with_remedies=False)
         assert est.fits_gpu and est.step_time_s == pytest.approx(layout.step_time_s)
         assert derive(cfg).global_batch_size == global_batch
-        # The largest micro batch that fits and divides the per-rank batch of 4.
-        assert 4 % layout.micro_batch_size == 0
+        # A micro batch that divides the per-rank batch (the recipe's global batch over 8 ranks).
+        assert (global_batch // derive(job).data_parallel_size) % layout.micro_batch_size == 0
 
 
 def test_choose_layout_applies_the_fastest(job, ranked, capsys):
