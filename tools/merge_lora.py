@@ -44,9 +44,10 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.adapter, trust_remote_code=trust)
         model = AutoPeftModelForCausalLM.from_pretrained(args.adapter, dtype=dtype, trust_remote_code=trust)
     except ValueError as err:
-        if "trust_remote_code" not in str(err):
+        from hpcllm.models.build import untrusted_code, untrusted_code_error
+
+        if not untrusted_code(err):
             raise
-        from hpcllm.models.build import untrusted_code_error
 
         print(f"merge_lora: error: {untrusted_code_error(args.adapter)}", file=sys.stderr)
         return 1

@@ -20,6 +20,11 @@ REMOTE_CODE_FIX = ("if you trust it, set model.trust_remote_code=true (tools/mem
                    "tools/merge_lora.py: --trust-remote-code)")
 
 
+def untrusted_code(err: Exception) -> bool:
+    """transformers refused to run a directory's own code (auto_map) because it was not trusted."""
+    return "contains custom code" in str(err) or REMOTE_CODE_FIX in str(err)
+
+
 def load_tokenizer(spec: Optional[str], model_path: Optional[str] = None, trust_remote_code: bool = False):
     """``"demo"`` -> the bundled tokenizer; ``None`` -> the model's own; else a path or hub name.
 
@@ -40,7 +45,7 @@ def load_tokenizer(spec: Optional[str], model_path: Optional[str] = None, trust_
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
     except ValueError as err:
-        if "trust_remote_code" not in str(err):
+        if not untrusted_code(err):
             raise
         raise ValueError(f"tokenizer {path} ships Python code of its own (auto_map), which runs only when trusted: "
                          f"{REMOTE_CODE_FIX}") from None

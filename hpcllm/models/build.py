@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from hpcllm.config import ConfigError
+from hpcllm.data.tokenizer import REMOTE_CODE_FIX, untrusted_code
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -45,7 +46,7 @@ def build_model(model: DictConfig, *, precision: str = "fp32", attention: str = 
     try:
         return _build(model, DTYPES[precision], attention, seed, tokenizer)
     except ValueError as err:
-        if "trust_remote_code" in str(err):
+        if untrusted_code(err):
             raise untrusted_code_error(f"model.path={model.path}") from None
         if attention != "sdpa" or "scaled_dot_product_attention" not in str(err):
             raise
@@ -54,8 +55,6 @@ def build_model(model: DictConfig, *, precision: str = "fp32", attention: str = 
 
 
 def untrusted_code_error(what: str) -> ConfigError:
-    from hpcllm.data.tokenizer import REMOTE_CODE_FIX
-
     return ConfigError(f"{what} ships Python code of its own (auto_map), which runs only when trusted: "
                        f"{REMOTE_CODE_FIX}")
 

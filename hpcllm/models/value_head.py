@@ -108,9 +108,10 @@ def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, atte
         backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention,
                                                         trust_remote_code=trust_remote_code)
     except ValueError as err:
-        if "trust_remote_code" not in str(err):
+        from hpcllm.models.build import untrusted_code, untrusted_code_error
+
+        if not untrusted_code(err):
             raise
-        from hpcllm.models.build import untrusted_code_error
 
         raise untrusted_code_error(f"method.ppo.reward_model={path}") from None
     model = RewardModel(backbone)
