@@ -7,6 +7,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from hpcllm.config import ConfigError
 from hpcllm.config.profiles import describe_extra_models
 from hpcllm.launch.datasets import memmap_paths
 from hpcllm.launch.job import PreparedJob
@@ -94,7 +95,14 @@ def run_here(job: PreparedJob) -> int:
     from hpcllm.launch.local import run_local
     from hpcllm.launch.machine import check_local_machine
 
+    from hpcllm.data.tokenizer import untrusted_code
+
     for warning in check_local_machine(job.cfg, job.derived):
         print(f"hpcllm: warning: {warning}", flush=True)
-    ensure_memmaps(job.cfg, job.run_dir)
+    try:
+        ensure_memmaps(job.cfg, job.run_dir)
+    except ValueError as err:
+        if not untrusted_code(err):
+            raise
+        raise ConfigError(str(err)) from None  # one sentence saying what to set, not a traceback
     return run_local(job.run_dir, job.derived.world_size, job.cfg.hw.accelerator)

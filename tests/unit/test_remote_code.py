@@ -6,12 +6,16 @@ The "remote" code here is a real Python file in a real tokenizer/model directory
 file when it is imported: the marker says whether it ran."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from hpcllm.config import ConfigError, compose
 from hpcllm.data import DEMO_TOKENIZER_DIR, load_tokenizer, prepare_memmap
 
+ROOT = Path(__file__).resolve().parents[2]
 EVIL = """import pathlib
 pathlib.Path({marker!r}).write_text("ran")
 {body}
@@ -132,3 +136,11 @@ def test_merge_lora_follows_the_run_or_an_explicit_flag(tmp_path, code_tokenizer
     from tools.merge_lora import run_trusts_remote_code
 
     assert run_trusts_remote_code(str(code_tokenizer)) and not run_trusts_remote_code(str(tmp_path / "x" / "y"))
+
+
+def test_launch_stops_before_running_a_tokenizers_code(tmp_path, code_tokenizer, marker):
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), f"model.tokenizer={code_tokenizer}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "ships Python code of its own (auto_map)" in out.stderr and "model.trust_remote_code=true" in out.stderr
+    assert not marker.exists() and not (tmp_path / "run" / "logs").exists()
