@@ -91,11 +91,10 @@ def run(job: PreparedJob, stages: list[StageJob] = ()) -> int:
 
 def run_here(job: PreparedJob) -> int:
     """cluster=local: check this machine against hw, prepare the data, start every rank here."""
+    from hpcllm.data.tokenizer import untrusted_code
     from hpcllm.launch.datasets import ensure_memmaps
     from hpcllm.launch.local import run_local
     from hpcllm.launch.machine import check_local_machine
-
-    from hpcllm.data.tokenizer import untrusted_code
 
     for warning in check_local_machine(job.cfg, job.derived):
         print(f"hpcllm: warning: {warning}", flush=True)
