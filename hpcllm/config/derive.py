@@ -13,6 +13,8 @@ from omegaconf import DictConfig
 
 # The stages a method may run; the method's own name is free (a user's conf/method/my_sft.yaml).
 STAGES = ("lm", "reward", "dpo", "ppo", "eval")
+# The data each training stage reads (method.data_kind: what the launcher prepares for it).
+STAGE_DATA_KINDS = {"lm": ("pretrain", "sft"), "reward": ("preference",), "dpo": ("preference",), "ppo": ("prompt",)}
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 # More nodes than any Slurm cluster has: a typo (hw.nodes=1e8), not a request.
 MAX_NODES = 16384
@@ -85,6 +87,11 @@ def _batch(cfg: DictConfig, dp: int) -> int:
 def _compatibility(cfg: DictConfig) -> None:
     model, method, zero, train = cfg.model, cfg.method, cfg.zero, cfg.train
     _one_of(method.stage, STAGES, "method.stage")
+    kinds = STAGE_DATA_KINDS.get(method.stage, (method.data_kind,))
+    if method.data_kind not in kinds:
+        raise ConfigError(f"method.data_kind={method.data_kind} does not fit method.stage={method.stage} "
+                          f"(method={method.name}), which trains on {' or '.join(kinds)} data: "
+                          f"set method.data_kind={kinds[0]}")
     if zero.stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero.stage={zero.stage} must be 0, 1, 2 or 3")
     if (zero.offload_optimizer or zero.offload_param) and zero.stage == 0:

@@ -149,6 +149,9 @@ def test_a_users_own_method_preset_is_not_refused_by_a_list_of_names(tmp_path):
     with pytest.raises(ConfigCompositionException) as err:  # its values are still checked against the schema
         compose([user_conf(tmp_path, USER_METHOD.replace("adapter: lora", "adapter: lora2"), "bad"), "method=bad"])
     assert re.search(r"Invalid value 'lora2'[\s\S]*full_key: method.adapter", f"{err.value}{err.value.__cause__}")
+    with pytest.raises(ConfigError, match=r"method.data_kind=sft does not fit method.stage=dpo \(method=my_sft\), "
+                                          r"which trains on preference data: set method.data_kind=preference"):
+        derive(compose([user_conf(tmp_path), "method=my_sft", "method.stage=dpo"]))
     with pytest.raises(ConfigError, match="method.stage='sft2' is not one of lm, reward, dpo, ppo, eval"):
         derive(compose([user_conf(tmp_path, USER_METHOD.replace("stage: lm", "stage: sft2"), "odd"), "method=odd"]))
 
