@@ -70,9 +70,9 @@ def _check_gpus(hw: DictConfig, ranks: int, machine: LocalMachine) -> None:
     where = (f"cluster=local starts all {ranks} ranks of hw={hw.name} (hw.nodes={hw.nodes} x "
              f"hw.gpus_per_node={hw.gpus_per_node}) on this machine")
     if not machine.gpus:
-        why = "torch here is a CPU-only build" if machine.cuda_build is None else "torch sees no CUDA GPU"
-        raise ConfigError(f"{where}, but {why}: use hw=cpu to train on this machine's CPU, or cluster=slurm "
-                          f"to submit to {hw.gpu_name} nodes")
+        why = "torch here is a CPU-only build" if machine.cuda_build is None else "torch.cuda.is_available() is False"
+        raise ConfigError(f"{where}, but it has no GPU that torch can use ({why}): use hw=cpu to train on this "
+                          f"machine's CPU, or cluster=slurm to submit to {hw.gpu_name} nodes")
     if len(machine.gpus) < ranks:
         raise ConfigError(f"{where}, but it has {len(machine.gpus)} GPU(s) ({machine.gpus[0][0]}): set "
                           f"hw.nodes=1 hw.gpus_per_node={len(machine.gpus)}, or use cluster=slurm")

@@ -70,9 +70,9 @@ def job(*overrides):
 
 
 @pytest.mark.parametrize("gpus,cuda,message", [
-    ([], None, r"starts all 8 ranks of hw=a100x8 .* but torch here is a CPU-only build: use hw=cpu .* or "
-               r"cluster=slurm to submit to A100-SXM4-80GB nodes"),
-    ([], "12.4", r"but torch sees no CUDA GPU"),
+    ([], None, r"starts all 8 ranks of hw=a100x8 .* but it has no GPU that torch can use \(torch here is a CPU-only "
+               r"build\): use hw=cpu .* or cluster=slurm to submit to A100-SXM4-80GB nodes"),
+    ([], "12.4", r"but it has no GPU that torch can use \(torch.cuda.is_available\(\) is False\)"),
     ([A100], "12.4", r"but it has 1 GPU\(s\) \(NVIDIA A100-SXM4-80GB\): set hw.nodes=1 hw.gpus_per_node=1"),
     ([("NVIDIA A100-SXM4-40GB", 39.4)] * 8, "12.4",
      r"hw=a100x8 plans for 80 GB per GPU, but this machine's NVIDIA A100-SXM4-40GB has 39.4 GiB: "
