@@ -308,7 +308,7 @@ def _model_files(path: str, key: str, wanted: tuple[str, ...], what: str) -> Non
         raise ConfigError(f"{key}={path} is a file: give the directory that holds the {what}")
     elif not _produced_later(local.absolute()) and (not HUB_ID.match(path) or local.is_absolute() or
                                                     path.startswith(".")):
-        raise ConfigError(f"{key}={path} does not exist: give a local Hugging Face directory (with config.json) "
+        raise ConfigError(f"{key}={path} does not exist: give a local Hugging Face directory (with {wanted[0]}) "
                           "or a hub id such as org/name")
 
 
