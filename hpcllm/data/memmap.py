@@ -49,7 +49,7 @@ class DataError(ValueError):
 
 
 def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
-    """``{"name", "prompt_format", "special_tokens", "tokenizer"}`` from a conf/model preset name,
+    """``{"name", "prompt_format", "special_tokens", "tokenizer", "trust_remote_code"}`` from a conf/model preset name,
     a preset-like dict, or None (no prompt format: pretraining text only)."""
     if model_preset is None:
         return {"name": None, "prompt_format": None, "special_tokens": {}, "tokenizer": None, "trust_remote_code": False}
