@@ -15,6 +15,7 @@ from hpcllm.config import ConfigError
 from hpcllm.launch import backends
 from hpcllm.launch.job import prepare
 from hpcllm.plan import PreflightRefused, choose_layout
+from hpcllm.launch.pipeline import prepare_stages
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -22,17 +23,21 @@ def main(cfg: DictConfig) -> None:
     try:
         cfg = choose_layout(cfg)  # layout=auto: the fastest layout predicted to fit, before rendering
         job = prepare(cfg, HydraConfig.get().runtime.output_dir)
-        backends.plan(job)
-    except PreflightRefused as err:
-        if not cfg.dry_run:
-            sys.exit(f"hpcllm: {err}")
-        print(f"[dry run] would be refused: {err}")  # a dry run still shows everything it rendered
+        stages = prepare_stages(job) if cfg.pipeline is not None else []  # each stage a job of its own
+        refusals = backends.plan_all([stage.job for stage in stages] or [job])
     except ConfigError as err:
         sys.exit(f"hpcllm: {err}")
+    if refusals and not cfg.dry_run:
+        sys.exit(f"hpcllm: {refusals[0]}")
+    for refusal in refusals:
+        print(f"[dry run] would be refused: {refusal}")  # a dry run still shows everything it rendered
     if cfg.dry_run:
-        backends.show(job)
+        backends.show(job, stages)
         return
-    code = backends.run(job)
+    try:
+        code = backends.run(job, stages)
+    except ConfigError as err:  # found only when starting: this machine lacks what hw= plans for
+        sys.exit(f"hpcllm: {err}")
     if code:
         sys.exit(code)
 

@@ -34,6 +34,8 @@ class MemmapGenConfig:
     overwrite: bool = False
     eval_fraction: float = 0.0  # held out into OUTPUT_eval
     progress: bool = True
+    # Run Python code shipped with the tokenizer (auto_map); None = the model preset's trust_remote_code.
+    trust_remote_code: Optional[bool] = None
 
 
 def main(argv) -> int:
@@ -50,7 +52,7 @@ def main(argv) -> int:
     try:
         prepare_memmap(cfg.input, cfg.output, tokenizer, cfg.seq_len, cfg.mode, cfg.model, kind=cfg.kind,
                        num_workers=cfg.num_workers, seed=cfg.seed, on_error=cfg.on_error, overwrite=cfg.overwrite,
-                       eval_fraction=cfg.eval_fraction, progress=cfg.progress)
+                       eval_fraction=cfg.eval_fraction, progress=cfg.progress, trust_remote_code=cfg.trust_remote_code)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"memmap_gen: error: {e}", file=sys.stderr)
         return 1

@@ -128,8 +128,13 @@ def _demo(kind: str) -> Recipe:
     return Recipe("demo", values, {k: DEMO for k in values}, seq, DEMO)
 
 
+KINDS = ("pretrain", "sft", "lora", "freeze", "ptuning", "reward", "dpo", "ppo", "eval")
+
+
 def recipe_for(cfg: DictConfig) -> Recipe:
     kind = method_kind(cfg.method)
+    if kind not in KINDS:
+        return Recipe("none", {}, {})  # an unknown stage: derive() names it and the valid ones
     if cfg.model.recipe == "demo":
         return _demo(kind)
     if cfg.model.recipe != "published":

@@ -7,6 +7,7 @@ message naming the key, before anything is rendered or submitted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -15,6 +16,40 @@ from omegaconf import MISSING
 
 # hf_model_type values hpcllm builds from a preset's numbers (random weights); others need model.path.
 FROM_PRESET_MODEL_TYPES = ("llama", "qwen2", "mistral", "mixtral", "bloom", "gpt2")
+
+
+class Choice(str, Enum):
+    """A string option of a closed list: OmegaConf refuses any other value at composition, naming
+    the key and the valid values. Members equal, hash, print and serialize as their plain strings,
+    so YAML, config.yaml and code comparing with "..." see no difference."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def _choices(name: str, values: str) -> type:
+    return Choice(name, [(v, v) for v in values.split()], module=__name__)
+
+
+Activation = _choices("Activation", "swiglu gelu")  # gelu: a plain two-matrix MLP
+Position = _choices("Position", "rope alibi learned")
+DpoLoss = _choices("DpoLoss", "sigmoid ipo hinge")
+Adapter = _choices("Adapter", "none lora freeze ptuning")
+DataKind = _choices("DataKind", "pretrain sft preference prompt")
+Schedule = _choices("Schedule", "cosine linear constant")
+Accelerator = _choices("Accelerator", "cuda cpu")
+Interconnect = _choices("Interconnect", "ib roce ethernet none")
+ClusterName = _choices("ClusterName", "local slurm")
+Precision = _choices("Precision", "auto fp32 fp16 bf16")
+Attention = _choices("Attention", "sdpa eager flash_attention_2")
+DataMode = _choices("DataMode", "pack truncate split")
+Benchmark = _choices("Benchmark", "ceval mmlu perplexity")
+EvalSplit = _choices("EvalSplit", "val test")
+WandbMode = _choices("WandbMode", "offline online")
+Preflight = _choices("Preflight", "refuse warn off")
 
 
 @dataclass
@@ -39,8 +74,8 @@ class ModelConfig:
     max_positions: int = MISSING
     num_params: float = MISSING  # published parameter count, e.g. 6.74e9
     tie_embeddings: bool = False
-    activation: str = "swiglu"  # swiglu | gelu (a plain two-matrix MLP)
-    position: str = "rope"  # rope | alibi | learned
+    activation: Activation = Activation.swiglu  # swiglu | gelu (a plain two-matrix MLP)
+    position: Position = Position.rope  # rope | alibi | learned
     num_experts: int = 0  # MoE experts per layer (0 = dense)
     experts_top_k: int = 0
     lora_targets: List[str] = field(default_factory=list)
@@ -86,7 +121,7 @@ class PtuningConfig:
 @dataclass
 class DpoConfig:
     beta: float = 0.1
-    loss: str = "sigmoid"  # sigmoid | ipo | hinge
+    loss: DpoLoss = DpoLoss.sigmoid  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0
     precompute_reference: bool = False
     reference_zero: Optional[str] = None  # conf/zero preset of the frozen reference; None = the job's zero
@@ -120,14 +155,15 @@ class PpoConfig:
 class MethodConfig:
     """A training method: what trains and its hyper-parameters."""
 
-    name: str = MISSING  # pretrain|sft|lora|freeze|ptuning|reward|ppo|dpo|eval
-    stage: str = MISSING  # lm | reward | dpo | ppo | eval: the stage module that runs it
-    adapter: str = "none"  # none | lora | freeze | ptuning
-    data_kind: str = "sft"  # pretrain | sft | preference | prompt: what memmap_gen produces
+    name: str = MISSING  # pretrain, sft, ... or a user's own preset name (any name: the stage says what runs)
+    stage: str = MISSING  # lm | reward | dpo | ppo | eval: the stage module that runs it (checked against
+    # the registered stages in derive(), an open list: a new stage registers itself)
+    adapter: Adapter = Adapter.none  # none | lora | freeze | ptuning
+    data_kind: DataKind = DataKind.sft  # pretrain | sft | preference | prompt: what memmap_gen produces
     # Hyper-parameters: null = from the recipe for the model's size (hpcllm/config/recipes.py, with sources).
     lr: Optional[float] = None
     min_lr_ratio: float = 0.1
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: Schedule = Schedule.cosine  # cosine | linear | constant
     warmup_steps: Optional[int] = None  # null = warmup_ratio x the run's optimizer steps
     warmup_ratio: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -154,14 +190,14 @@ class HwConfig:
     """A hardware profile: one node type of a cluster."""
 
     name: str = MISSING
-    accelerator: str = "cuda"  # cuda | cpu
+    accelerator: Accelerator = Accelerator.cuda  # cuda | cpu
     gpu_name: str = MISSING
     gpus_per_node: int = MISSING  # processes per node on cpu
     gpu_mem_gb: float = MISSING
     cpus_per_node: int = MISSING
     ram_gb_per_node: float = MISSING
     nodes: int = 1
-    interconnect: str = "ib"  # ib | roce | ethernet | none
+    interconnect: Interconnect = Interconnect.ib  # ib | roce | ethernet | none
     partition: Optional[str] = None
     supports_bf16: bool = True
     peak_tflops_16bit: float = MISSING  # dense fp16/bf16 tensor-core peak per GPU
@@ -201,7 +237,7 @@ class ZeroConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = MISSING  # local | slurm
+    name: ClusterName = MISSING  # local | slurm
     time_limit_min: int = 60
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -226,13 +262,13 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end and on stop signals
     keep_last: int = 2
     keep_best: bool = True
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
+    precision: Precision = Precision.auto  # auto | fp32 | fp16 | bf16
     gradient_checkpointing: bool = False
     # ZeRO-3: build the model under deepspeed.zero.Init, partitioned as it is created, so no rank
     # ever holds the whole model. Random weights then come from rank 0's init (not the same values
     # as an unpartitioned build with the same seed).
     zero_init: bool = True
-    attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attention: Attention = Attention.sdpa  # sdpa | eager | flash_attention_2
     # Planned by the estimate (dry runs); a real launch with either > 1 is refused: the loop is data-parallel (ZeRO).
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -246,7 +282,7 @@ class DataConfig:
     eval: Optional[str] = None
     pretrain: Optional[str] = None  # mixed mode: pretraining data trained beside `train`
     pretrain_ratio: float = 0.0  # fraction of each batch step's samples drawn from `pretrain`
-    mode: str = "pack"  # pack | truncate | split, when preparing jsonl
+    mode: DataMode = DataMode.pack  # pack | truncate | split, when preparing jsonl
     eval_fraction: float = 0.0  # hold out this share of `train` when no `eval` is given
     dynamic_padding: bool = True
     # A model that is not a tiny demo model refuses to train on the bundled demo data unless this is set.
@@ -255,10 +291,10 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    benchmark: str = "ceval"  # ceval | mmlu | perplexity
+    benchmark: Benchmark = Benchmark.ceval  # ceval | mmlu | perplexity
     data_dir: Optional[str] = None  # None = the bundled sample
     shots: int = 5
-    split: str = "val"  # ceval: val | test; mmlu: test
+    split: EvalSplit = EvalSplit.val  # ceval: val | test; mmlu: test
     chat_format: bool = False
     batch_size: int = 4
     subjects: Optional[List[str]] = None
@@ -267,7 +303,7 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = False
-    mode: str = "offline"  # offline | online (online needs WANDB_API_KEY in the environment)
+    mode: WandbMode = WandbMode.offline  # offline | online (online needs WANDB_API_KEY in the environment)
     project: str = "hpcllm"
     entity: Optional[str] = None
 
@@ -298,7 +334,7 @@ class JobConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     dry_run: bool = False
-    preflight: str = "refuse"  # refuse | warn | off
+    preflight: Preflight = Preflight.refuse  # refuse | warn | off
     resume: str = "auto"  # auto | never | PATH to a checkpoint
     seed: int = 1234
     wait: bool = False  # cluster=slurm: block until the job(s) end and exit non-zero if one failed

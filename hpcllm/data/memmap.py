@@ -49,10 +49,10 @@ class DataError(ValueError):
 
 
 def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
-    """``{"name", "prompt_format", "special_tokens", "tokenizer"}`` from a conf/model preset name,
+    """``{"name", "prompt_format", "special_tokens", "tokenizer", "trust_remote_code"}`` from a conf/model preset name,
     a preset-like dict, or None (no prompt format: pretraining text only)."""
     if model_preset is None:
-        return {"name": None, "prompt_format": None, "special_tokens": {}, "tokenizer": None}
+        return {"name": None, "prompt_format": None, "special_tokens": {}, "tokenizer": None, "trust_remote_code": False}
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(model_preset, str):
@@ -66,18 +66,19 @@ def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
     preset = dict(model_preset)
     get_format(preset["prompt_format"])  # fail early on an unknown id
     return {"name": preset.get("name"), "prompt_format": preset["prompt_format"],
-            "special_tokens": dict(preset.get("special_tokens") or {}), "tokenizer": preset.get("tokenizer")}
+            "special_tokens": dict(preset.get("special_tokens") or {}), "tokenizer": preset.get("tokenizer"),
+            "trust_remote_code": bool(preset.get("trust_remote_code", False))}
 
 
 def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_len: int, mode: str = "pack",
                    model_preset: Union[str, dict, None] = None, kind: str = "auto", num_workers: int = 1,
                    seed: int = 1234, on_error: str = "fail", overwrite: bool = False, eval_fraction: float = 0.0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, trust_remote_code: Optional[bool] = None) -> dict:
     """Tokenize ``input`` (jsonl files or directories) into memmaps under ``output``; returns meta.json.
 
     ``eval_fraction`` > 0 holds out that share of the (shuffled) rows in ``output + "_eval"``.
     ``kind="auto"`` takes the kind of the first record. Preference and prompt data are always
-    truncated (``mode`` applies to pretrain and sft data).
+    truncated (``mode`` applies to pretrain and sft data). ``trust_remote_code``: None = the model preset's.
     """
     _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction)
     output = os.path.abspath(output)
@@ -87,12 +88,14 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
             raise FileExistsError(f"{path} already exists: pass overwrite=true to replace it")
     files = find_inputs(input)
     preset = load_model_preset(model_preset)
-    tokenizer = load_tokenizer(tokenizer_spec or preset["tokenizer"])
+    trust = preset["trust_remote_code"] if trust_remote_code is None else trust_remote_code
+    tokenizer = load_tokenizer(tokenizer_spec or preset["tokenizer"], trust_remote_code=trust)
     if kind == "auto":
         kind = _detect_kind(files)
     if kind != "pretrain" and preset["prompt_format"] is None:
         raise ValueError(f"{kind} data needs a prompt format: set model=<conf/model preset> (e.g. tiny_llama)")
-    encoder_args = (tokenizer_spec or preset["tokenizer"], preset["prompt_format"], preset["special_tokens"], kind, seq_len, mode)
+    encoder_args = (tokenizer_spec or preset["tokenizer"], preset["prompt_format"], preset["special_tokens"], kind, seq_len, mode,
+                    trust)
     encoder = _make_encoder(*encoder_args, tokenizer=tokenizer)  # checks the special tokens before any work
     used_mode = mode if kind in ("pretrain", "sft") else "truncate"
     keys = KEYS[kind]
@@ -155,8 +158,9 @@ def _detect_kind(files: List[str]) -> str:
     raise DataError(f"no valid record in {files[0]}{' ...' if len(files) > 1 else ''}: cannot detect the kind of data")
 
 
-def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode, tokenizer=None) -> Encoder:
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_spec)
+def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode, trust_remote_code=False,
+                  tokenizer=None) -> Encoder:
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_spec, trust_remote_code=trust_remote_code)
     return Encoder(tokenizer, get_format(format_id) if format_id else None, special_tokens, kind, seq_len, mode)
 
 

@@ -16,13 +16,21 @@ BASE_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", 
 TEXT_MARKERS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<|observation|>", "<|endoftext|>"]
 # Looked up by name but short enough to occur inside words: matched only as a whole word.
 WHOLE_WORD = {"sop"}
+REMOTE_CODE_FIX = ("if you trust it, set model.trust_remote_code=true (tools/memmap_gen.py: trust_remote_code=true; "
+                   "tools/merge_lora.py: --trust-remote-code)")
 
 
-def load_tokenizer(spec: Optional[str], model_path: Optional[str] = None):
+def untrusted_code(err: Exception) -> bool:
+    """transformers refused to run a directory's own code (auto_map) because it was not trusted."""
+    return "contains custom code" in str(err) or REMOTE_CODE_FIX in str(err)
+
+
+def load_tokenizer(spec: Optional[str], model_path: Optional[str] = None, trust_remote_code: bool = False):
     """``"demo"`` -> the bundled tokenizer; ``None`` -> the model's own; else a path or hub name.
 
     The result always has a pad token (the eos or unk token when the tokenizer defines none),
-    because every memmap row is padded to ``seq_len``.
+    because every memmap row is padded to ``seq_len``. A tokenizer shipping Python code of its own
+    (``auto_map``) is refused unless ``trust_remote_code`` (the model preset's ``trust_remote_code``).
     """
     from transformers import AutoTokenizer
 
@@ -34,7 +42,13 @@ def load_tokenizer(spec: Optional[str], model_path: Optional[str] = None):
         path = model_path
     else:
         path = spec
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(trust_remote_code))
+    except ValueError as err:
+        if not untrusted_code(err):
+            raise
+        raise ValueError(f"tokenizer {path} ships Python code of its own (auto_map), which runs only when trusted: "
+                         f"{REMOTE_CODE_FIX}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None:

@@ -7,9 +7,11 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+from hpcllm.config import ConfigError
 from hpcllm.config.profiles import describe_extra_models
 from hpcllm.launch.datasets import memmap_paths
 from hpcllm.launch.job import PreparedJob
+from hpcllm.launch.pipeline import StageJob, describe, run_in_order
 
 
 def in_multirun() -> bool:
@@ -42,7 +44,31 @@ def plan(job: PreparedJob) -> None:
         print(f"{HydraConfig.get().job.num:>3}  {planner.capacity_line(job.cfg, est)}", flush=True)
 
 
-def show(job: PreparedJob) -> None:
+def plan_all(jobs: list[PreparedJob]) -> list[str]:
+    """Plan every job (a pipeline's stages); the refusals, each naming its run directory."""
+    from hpcllm import plan as planner
+
+    refusals = []
+    for job in jobs:
+        try:
+            plan(job)
+        except planner.PreflightRefused as refused:
+            refusals.append(f"{refused}" if len(jobs) == 1 else f"{job.run_dir.name}: {refused}")
+    return refusals
+
+
+def show(job: PreparedJob, stages: list[StageJob] = ()) -> None:
+    if stages:
+        print(f"[dry run] pipeline {job.cfg.pipeline.name}: {len(stages)} stages, each a job of its own")
+        for line in describe(stages, job.cfg.cluster.name):
+            print(f"  {line}")
+        for stage in stages:
+            _show_one(stage.job)
+        return
+    _show_one(job)
+
+
+def _show_one(job: PreparedJob) -> None:
     d = job.derived
     print(f"[dry run] {job.cfg.model.name} / {job.cfg.method.name} / {job.cfg.hw.name} x{job.cfg.hw.nodes} / "
           f"{job.cfg.zero.name}: world {d.world_size}, global batch {d.global_batch_size} = micro "
@@ -57,13 +83,27 @@ def show(job: PreparedJob) -> None:
             print(f"  {path}")
 
 
-def run(job: PreparedJob) -> int:
+def run(job: PreparedJob, stages: list[StageJob] = ()) -> int:
     if job.cfg.cluster.name == "local":
-        from hpcllm.launch.datasets import ensure_memmaps
-        from hpcllm.launch.local import run_local
-
-        ensure_memmaps(job.cfg, job.run_dir)
-        return run_local(job.run_dir, job.derived.world_size, job.cfg.hw.accelerator)
+        return run_in_order(stages, run_here) if stages else run_here(job)
     from hpcllm.launch.slurm import submit
 
-    return submit(job)
+    return submit(job, stages)
+
+
+def run_here(job: PreparedJob) -> int:
+    """cluster=local: check this machine against hw, prepare the data, start every rank here."""
+    from hpcllm.data.tokenizer import untrusted_code
+    from hpcllm.launch.datasets import ensure_memmaps
+    from hpcllm.launch.local import run_local
+    from hpcllm.launch.machine import check_local_machine
+
+    for warning in check_local_machine(job.cfg, job.derived):
+        print(f"hpcllm: warning: {warning}", flush=True)
+    try:
+        ensure_memmaps(job.cfg, job.run_dir)
+    except ValueError as err:
+        if not untrusted_code(err):
+            raise
+        raise ConfigError(str(err)) from None  # one sentence saying what to set, not a traceback
+    return run_local(job.run_dir, job.derived.world_size, job.cfg.hw.accelerator)

@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from string import Template
 
 import submitit
 from hydra.experimental.callback import Callback
@@ -223,47 +222,24 @@ class SubmitSweep(Callback):
 # -- pipelines: stages composed like `launch.py` invocations, chained with afterok --------------
 
 
-def _stage_jobs(job: PreparedJob) -> list[tuple[str, PreparedJob]]:
-    """Compose and prepare every stage of cfg.pipeline in run_dir/<stage>.
-
-    A stage is the user's own overrides plus the stage's (which win); `$name` in a stage's
-    overrides is the run directory of the earlier stage `name` (e.g. model.path=$sft/final)."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
-    from hpcllm.launch.job import prepare
-
-    pipeline = job.cfg.pipeline
-    user = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip("+~").startswith("pipeline")]
-    dirs: dict[str, str] = {}
-    prepared = []
-    for stage in pipeline.stages:
-        run_dir = job.run_dir / stage.name
-        dirs[stage.name] = str(run_dir)
-        own = [Template(o).substitute(dirs) for o in stage.overrides]
-        own_keys = {o.split("=")[0] for o in own}
-        overrides = [o for o in user if o.split("=")[0] not in own_keys] + own
-        cfg = compose(config_name=HydraConfig.get().job.config_name, overrides=overrides)
-        prepared.append((stage.name, prepare(cfg, run_dir)))
-    return prepared
-
-
-def _submit_pipeline(job: PreparedJob) -> list[submitit.Job]:
+def _submit_pipeline(job: PreparedJob, stages: list) -> list[submitit.Job]:
+    """The stages (hpcllm.launch.pipeline.prepare_stages) as jobs, each waiting for the one before (afterok)."""
     slurm_jobs: list[submitit.Job] = []
-    for name, stage in _stage_jobs(job):
+    for stage in stages:
         dependency = f"afterok:{slurm_jobs[-1].job_id}" if slurm_jobs else None
-        slurm_jobs.append(_submit_one(stage, dependency))
-        _announce(slurm_jobs[-1], stage.run_dir, f"pipeline {job.cfg.pipeline.name} stage {name}: ")
+        slurm_jobs.append(_submit_one(stage.job, dependency))
+        _announce(slurm_jobs[-1], stage.job.run_dir, f"pipeline {job.cfg.pipeline.name} stage {stage.name}: ")
     return slurm_jobs
 
 
-def submit(job: PreparedJob) -> int:
-    """Submit a prepared job (or, inside a sweep, queue it for the array); wait if cfg.wait."""
+def submit(job: PreparedJob, stages: list = ()) -> int:
+    """Submit a prepared job, or a pipeline's prepared stages (or, inside a sweep, queue it for the
+    array); wait if cfg.wait."""
     if _in_multirun():
         _SWEEP.append(job)
         return 0
-    if job.cfg.pipeline is not None:
-        slurm_jobs = _submit_pipeline(job)
+    if stages:
+        slurm_jobs = _submit_pipeline(job, stages)
     else:
         slurm_jobs = [_submit_one(job)]
         _announce(slurm_jobs[0], job.run_dir)

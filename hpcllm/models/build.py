@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from hpcllm.config import ConfigError
+from hpcllm.data.tokenizer import REMOTE_CODE_FIX, untrusted_code
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -40,20 +41,29 @@ def hf_config_kwargs(model: DictConfig) -> dict:
 
 def build_model(model: DictConfig, *, precision: str = "fp32", attention: str = "sdpa",
                 seed: int = 1234, tokenizer=None) -> PreTrainedModel:
-    """Load ``model.path`` or build the preset from its numbers (random weights seeded by ``seed``)."""
+    """Load ``model.path`` or build the preset from its numbers (random weights seeded by ``seed``).
+
+    Python code shipped with the weights (``auto_map``) runs only with ``model.trust_remote_code``."""
     try:
         return _build(model, DTYPES[precision], attention, seed, tokenizer)
     except ValueError as err:
+        if untrusted_code(err):
+            raise untrusted_code_error(f"model.path={model.path}") from None
         if attention != "sdpa" or "scaled_dot_product_attention" not in str(err):
             raise
         # Some architectures (BLOOM's ALiBi) have no SDPA path in transformers yet.
         return _build(model, DTYPES[precision], "eager", seed, tokenizer)
 
 
+def untrusted_code_error(what: str) -> ConfigError:
+    return ConfigError(f"{what} ships Python code of its own (auto_map), which runs only when trusted: "
+                       f"{REMOTE_CODE_FIX}")
+
+
 def _build(model: DictConfig, dtype, attention: str, seed: int, tokenizer) -> PreTrainedModel:
     if model.path:
         return auto_class(model.path).from_pretrained(
-            model.path, dtype=dtype, trust_remote_code=model.trust_remote_code, attn_implementation=attention)
+            model.path, dtype=dtype, trust_remote_code=bool(model.trust_remote_code), attn_implementation=attention)
     kwargs = hf_config_kwargs(model)
     kwargs.update(model.hf_config_overrides or {})
     if tokenizer is not None:

@@ -93,14 +93,27 @@ def save_reward_model(model: RewardModel, state_dict: dict, out_dir: Path, lora_
     save_file(head, str(Path(out_dir) / VALUE_HEAD_FILE))
 
 
-def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, attention: str = "sdpa") -> RewardModel:
-    """A reward model directory written by ``save_reward_model`` (method=reward's ``final/``), in eval mode."""
+def load_reward_model(path: str | Path, dtype: torch.dtype = torch.float32, attention: str = "sdpa",
+                      trust_remote_code: bool = False) -> RewardModel:
+    """A reward model directory written by ``save_reward_model`` (method=reward's ``final/``), in eval mode.
+
+    Its backbone's own Python code (``auto_map``) runs only with ``trust_remote_code`` (the model preset's)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / VALUE_HEAD_FILE).is_file():
         raise FileNotFoundError(f"{path} has no {VALUE_HEAD_FILE}: give the final/ directory of a method=reward run")
-    model = RewardModel(AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention))
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention,
+                                                        trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        from hpcllm.models.build import untrusted_code, untrusted_code_error
+
+        if not untrusted_code(err):
+            raise
+
+        raise untrusted_code_error(f"method.ppo.reward_model={path}") from None
+    model = RewardModel(backbone)
     model.value_head.load_state_dict(load_file(str(path / VALUE_HEAD_FILE)))
     return model.to(dtype).eval()

@@ -36,7 +36,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, dist: DistEnv) -> str:
     if dist.is_main:  # started by torchrun or a bare srun, nobody prepared the data yet
         ensure_memmaps(cfg, Path(run_dir))
     barrier()
-    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     ctx = StageContext(cfg, derive(cfg), Path(run_dir), dist, memmap_paths(cfg, Path(run_dir)), tokenizer)
     if cfg.zero.stage == 3 and cfg.train.zero_init:
         from hpcllm.models.build import zero3_init_context

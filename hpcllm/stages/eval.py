@@ -31,8 +31,6 @@ from hpcllm.stages.base import StageContext
 
 
 def run_eval(ctx: StageContext) -> str:
-    if ctx.cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size={ctx.cfg.eval.batch_size} must be at least 1")
     if ctx.cfg.eval.benchmark == "perplexity":
         evaluate_perplexity(ctx)
     else:
@@ -110,8 +108,6 @@ def _progress(items, enabled: bool, desc: str):
 
 def evaluate_choices(ctx: StageContext) -> None:
     cfg, ecfg, dist, tok = ctx.cfg, ctx.cfg.eval, ctx.dist, ctx.tokenizer
-    if ecfg.shots < 0:
-        raise ConfigError(f"eval.shots={ecfg.shots}: give 0 (zero-shot) or more")
     bench = get_benchmark(ecfg.benchmark)
     data_dir = ecfg.data_dir or str(default_data_dir(bench.name))
     try:
@@ -162,9 +158,7 @@ def evaluate_perplexity(ctx: StageContext) -> None:
     from hpcllm.data import MemmapDataset
 
     split = "eval" if ctx.data.get("eval") else "train"
-    path = ctx.data.get(split)
-    if path is None:
-        raise ConfigError("eval.benchmark=perplexity needs data.eval or data.train: a memmap_gen output or jsonl")
+    path = ctx.data.get(split)  # derive() checked that data.eval or data.train is set
     ds = MemmapDataset(path)
     if ds.kind not in ("pretrain", "sft"):
         raise ConfigError(f"data.{split}={path} holds {ds.kind} data; perplexity needs pretrain or sft data")

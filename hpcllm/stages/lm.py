@@ -69,9 +69,7 @@ class MemmapStage(Stage):
 
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
-        self.train_ds = open_dataset(ctx, "train", self.data_kinds)
-        if self.train_ds is None:
-            raise ConfigError("data.train is not set: give a jsonl file/directory or a memmap_gen output")
+        self.train_ds = open_dataset(ctx, "train", self.data_kinds)  # data.train is set (derive() checked)
         self.eval_ds = open_dataset(ctx, "eval", self.data_kinds)
 
     @property
@@ -103,11 +101,8 @@ class LMStage(MemmapStage):
         super().__init__(ctx)
         self.model = build_policy(ctx)
         ratio = ctx.cfg.data.pretrain_ratio
+        # derive() checked at composition that the ratio is in [0, 1) and data.pretrain is set.
         self.pretrain_ds = open_dataset(ctx, "pretrain", ("pretrain",)) if ratio > 0 else None
-        if ratio > 0 and self.pretrain_ds is None:
-            raise ConfigError("data.pretrain_ratio > 0 needs data.pretrain (pretraining text to mix in)")
-        if not 0 <= ratio < 1:
-            raise ConfigError(f"data.pretrain_ratio={ratio} must be in [0, 1)")
 
     def _is_pretrain_step(self, micro_step: int) -> bool:
         """Micro steps alternate deterministically so that a resumed run draws the same sources."""

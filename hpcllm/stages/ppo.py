@@ -83,22 +83,19 @@ class PPOStage(Stage):
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
         cfg, ppo = ctx.cfg, ctx.cfg.method.ppo
-        self._check_sizes()
-        self.prompts = open_dataset(ctx, "train", ("prompt",))
-        if self.prompts is None:
-            raise ConfigError("data.train is not set: give a jsonl file of prompts or a memmap_gen prompt output")
+        self._sizes()
+        self.prompts = open_dataset(ctx, "train", ("prompt",))  # data.train is set (derive() checked)
         self.ptx_ds = open_dataset(ctx, "pretrain", ("pretrain", "sft")) if ppo.ptx_coef > 0 else None
-        if ppo.ptx_coef > 0 and self.ptx_ds is None:
-            raise ConfigError("method.ppo.ptx_coef > 0 needs data.pretrain (text for the pretraining loss)")
         self.pad_token_id = ctx.tokenizer.pad_token_id if ctx.tokenizer is not None else 0
         self.eos_token_id = ctx.tokenizer.eos_token_id if ctx.tokenizer is not None else None
 
         lora = cfg.method.adapter == "lora"
         self.model = Actor(build_policy(ctx, keep_start=not lora))
         dtype = DTYPES[ctx.derived.precision]
+        trust = bool(cfg.model.trust_remote_code)
         with self.building("critic"):
             if ppo.reward_model:
-                critic = load_reward_model(ppo.reward_model, dtype, cfg.train.attention).train()
+                critic = load_reward_model(ppo.reward_model, dtype, cfg.train.attention, trust).train()
                 critic.backbone = apply_adapter(critic.backbone, cfg.method, cfg.model)
             else:
                 critic = RewardModel(build_policy(ctx))
@@ -106,7 +103,7 @@ class PPOStage(Stage):
         self.reward_model = None
         if ppo.reward_model:
             self.reward_model = self.frozen_model(
-                "reward", lambda: load_reward_model(ppo.reward_model, dtype, cfg.train.attention))
+                "reward", lambda: load_reward_model(ppo.reward_model, dtype, cfg.train.attention, trust))
         # Under LoRA the reference is the actor with its adapter disabled.
         self.reference = None if lora else self.frozen_model("reference", lambda: build_reference(ctx))
         self.generation = GenerationConfig(
@@ -114,20 +111,12 @@ class PPOStage(Stage):
             top_p=1.0, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
         self.target_id = None
 
-    def _check_sizes(self) -> None:
+    def _sizes(self) -> None:
+        """Rollout rows and micro batches per rank (derive() checked at composition that they divide evenly)."""
         method, derived = self.ctx.cfg.method, self.ctx.derived
-        ppo, dp, m = method.ppo, derived.data_parallel_size, method.micro_batch_size
-        if ppo.rollout_batch_size % (dp * m):
-            raise ConfigError(f"method.ppo.rollout_batch_size={ppo.rollout_batch_size} is not divisible by "
-                              f"method.micro_batch_size={m} x data-parallel size {dp}: set it to a multiple of {dp * m}")
-        self.rows_per_rank = ppo.rollout_batch_size // dp
-        self.micro_per_epoch = self.rows_per_rank // m
-        self.micro_per_rollout = ppo.ppo_epochs * self.micro_per_epoch
-        if ppo.ppo_epochs < 1 or self.micro_per_rollout % derived.grad_accum_steps:
-            raise ConfigError(
-                f"a rollout gives method.ppo.ppo_epochs={ppo.ppo_epochs} x {self.micro_per_epoch} micro batches per "
-                f"rank, not a whole number of optimizer steps of {derived.grad_accum_steps} micro batches: make "
-                "ppo_epochs x rollout_batch_size a multiple of method.global_batch_size")
+        self.rows_per_rank = method.ppo.rollout_batch_size // derived.data_parallel_size
+        self.micro_per_epoch = self.rows_per_rank // method.micro_batch_size
+        self.micro_per_rollout = method.ppo.ppo_epochs * self.micro_per_epoch
 
     # -- the stage contract ---------------------------------------------------------------------
     def bind(self, engine, extra_engines: dict | None = None) -> None:

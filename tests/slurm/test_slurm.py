@@ -158,7 +158,10 @@ def test_rlhf_pipeline_stages_wait_for_and_read_the_previous_stage(launch, tmp_p
 
 
 def test_failing_job_is_not_requeued(launch, tmp_path):
-    proc = launch(*TINY, "train.max_steps=4", f"model.path={tmp_path}/no_such_model", f"hydra.run.dir={tmp_path}",
+    broken = tmp_path / "broken_model"  # passes the check at composition (it has a config.json), fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no_such_model_type"}')
+    proc = launch(*TINY, "train.max_steps=4", f"model.path={broken}", f"hydra.run.dir={tmp_path}",
                   "wait=true")
     job_id = job_ids(proc.stdout)[0]
     assert proc.returncode != 0

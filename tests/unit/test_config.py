@@ -62,6 +62,18 @@ def test_every_combination_composes_or_fails_clearly():
 COMBOS = list(itertools.product(presets("model"), presets("method"), presets("hw"), presets("zero")))
 
 
+def test_every_cluster_and_pipeline_preset_composes(tmp_path):
+    """The groups outside the product above: each cluster preset derives, each pipeline prepares every stage."""
+    from hpcllm.launch.job import prepare
+    from hpcllm.launch.pipeline import prepare_stages
+
+    for name in presets("cluster"):
+        derive(compose([f"cluster={name}"]))
+    for name in presets("pipeline"):
+        stages = prepare_stages(prepare(compose([f"pipeline={name}"]), tmp_path / name), user_overrides=[])
+        assert len(stages) >= 2 and all(stage.job.derived.world_size == 2 for stage in stages)
+
+
 def test_published_numbers_for_a_few_models():
     llama = compose(["model=llama_7b"]).model
     assert (llama.num_layers, llama.hidden_size, llama.num_heads, llama.intermediate_size, llama.vocab_size) == (

@@ -85,16 +85,18 @@ def test_stages_add_their_models(jobs):
         cfg = jobs("model=llama2_7b", "hw=a100x8", *o)
         return memory_breakdown(cfg, derive(cfg), 1)[0]["parameters"]
     sft, dpo = params("method=sft"), params("method=dpo")
-    ppo = params("method=ppo", "method.ppo.reward_model=/rm")
+    rollout = "method.ppo.rollout_batch_size=32"  # splits over 8 ranks x micro batch 4
+    ppo = params("method=ppo", rollout, "method.ppo.reward_model=/rm")
     assert dpo == pytest.approx(2 * sft, rel=0.01)  # policy + reference
     assert ppo == pytest.approx(4 * sft, rel=0.02)  # actor, critic, reference, reward
-    assert params("method=ppo") == pytest.approx(3 * sft, rel=0.02)  # the toy reward needs no model
+    assert params("method=ppo", rollout) == pytest.approx(3 * sft, rel=0.02)  # the toy reward needs no model
     assert params("method=dpo", "method.dpo.precompute_reference=true") == sft
 
 
 def test_each_alignment_model_is_estimated_under_its_own_profile(jobs):
     def breakdown(*o):
-        cfg = jobs("model=llama2_7b", "hw=a100x8", "zero=stage2", "method=ppo", "method.ppo.reward_model=/rm", *o)
+        cfg = jobs("model=llama2_7b", "hw=a100x8", "zero=stage2", "method=ppo", "method.ppo.reward_model=/rm",
+                   "method.ppo.rollout_batch_size=32", *o)  # a rollout splits over 8 ranks x micro batch 4
         gpu, cpu = memory_breakdown(cfg, derive(cfg), 1)
         return gpu, cpu, estimate(cfg, derive(cfg))
     replicas, _, _ = breakdown()

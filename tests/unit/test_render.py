@@ -73,7 +73,7 @@ def test_each_ppo_model_gets_the_deepspeed_config_of_its_profile(critic, referen
 
     cfg = compose(["model=llama_7b", "method=ppo", "hw=a100x8", "zero=stage2", f"method.ppo.critic_zero={critic}",
                    f"method.ppo.reference_zero={reference}", f"method.ppo.reward_zero={reward}",
-                   "method.ppo.reward_model=/rm"])
+                   "method.ppo.reward_model=/rm", "method.ppo.rollout_batch_size=32"])  # 8 ranks x micro batch 4
     derived = derive(cfg)
     configs = render_ds_configs(cfg, derived)
     expected = {"ds_config.json", "ds_config_critic.json", "ds_config_reference.json"} | (
