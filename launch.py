@@ -14,8 +14,8 @@ import hpcllm.config  # noqa: F401  (registers the schemas and resolvers)
 from hpcllm.config import ConfigError
 from hpcllm.launch import backends
 from hpcllm.launch.job import prepare
-from hpcllm.plan import PreflightRefused, choose_layout
 from hpcllm.launch.pipeline import prepare_stages
+from hpcllm.plan import choose_layout
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
