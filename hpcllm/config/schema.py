@@ -229,10 +229,18 @@ class EvalConfig:
     benchmark: str = "ceval"  # ceval | mmlu | perplexity
     data_dir: Optional[str] = None  # None = the bundled sample
     shots: int = 5
-    split: str = "val"  # ceval: val | test; mmlu: test
+    split: Optional[str] = None  # None = the published default: ceval val (test answers are hidden), mmlu test
     chat_format: bool = False
     batch_size: int = 4
     subjects: Optional[List[str]] = None
+    # how an answer letter is scored: auto | space_letter (" A" one token) | bare_letter ("A") |
+    # continuation (summed log-probs of all its tokens, as lm-eval); auto = the benchmark's answer as one
+    # token where every letter is one, else continuation (warned, recorded in results.json/results.md)
+    letter_scoring: str = "auto"
+    # a k-shot prompt longer than the context: drop_shots (fewest dropped; results marked not comparable) |
+    # truncate_left (cut its first tokens, as lm-eval does) | fail
+    on_overflow: str = "drop_shots"
+    template: str = "official"  # official (C-Eval's answer-only prompt, MMLU's) | lm_eval (its ceval-valid task)
 
 
 @dataclass

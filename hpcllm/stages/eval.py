@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import List, Sequence
@@ -24,9 +25,9 @@ from omegaconf import OmegaConf
 from hpcllm.config import ConfigError
 from hpcllm.distributed import DistEnv, all_reduce, barrier
 from hpcllm.eval.benchmarks import LETTERS, get_benchmark, default_data_dir, load_benchmark
-from hpcllm.eval.prompts import Prompter, build_prompt
+from hpcllm.eval.prompts import OVERFLOWS, PromptOverflow, Prompter
 from hpcllm.eval.report import summarize, write_reports
-from hpcllm.eval.scoring import choose, letter_logprobs, letter_token_ids
+from hpcllm.eval.scoring import choose, continuation_logprobs, resolve_letter_scoring
 from hpcllm.stages.base import StageContext
 
 
@@ -108,30 +109,50 @@ def _progress(items, enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="batch", disable=not enabled)
 
 
+def check_fits(prompter: Prompter, items, shots: int, max_len: int) -> None:
+    """eval.on_overflow=fail: refuse before any forward (every rank finds the same prompt, none is left
+    waiting in a collective)."""
+    for sd, q in items:
+        try:
+            prompter.fit(sd.subject, sd.dev, q, shots, max_len, "fail")
+        except PromptOverflow as err:
+            raise ConfigError(f"eval.on_overflow=fail: {sd.subject} question {q.id}: {err}. Lower eval.shots, or set "
+                              "eval.on_overflow=truncate_left (as lm-eval) or drop_shots") from err
+
+
 def evaluate_choices(ctx: StageContext) -> None:
     cfg, ecfg, dist, tok = ctx.cfg, ctx.cfg.eval, ctx.dist, ctx.tokenizer
     if ecfg.shots < 0:
         raise ConfigError(f"eval.shots={ecfg.shots}: give 0 (zero-shot) or more")
+    if ecfg.on_overflow not in OVERFLOWS:
+        raise ConfigError(f"eval.on_overflow={ecfg.on_overflow!r}; valid: {', '.join(OVERFLOWS)}")
     bench = get_benchmark(ecfg.benchmark)
+    split = ecfg.split or bench.default_split
     data_dir = ecfg.data_dir or str(default_data_dir(bench.name))
     try:
-        subjects = load_benchmark(bench, data_dir, ecfg.split, list(ecfg.subjects) if ecfg.subjects else None)
+        subjects = load_benchmark(bench, data_dir, split, list(ecfg.subjects) if ecfg.subjects else None)
+        prompter = Prompter(bench, tok, cfg.model.prompt_format if ecfg.chat_format else None,
+                            OmegaConf.to_container(cfg.model.special_tokens), ecfg.template)
+        scoring = resolve_letter_scoring(tok, *prompter.answer_context(), ecfg.letter_scoring)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from err
-    prompter = Prompter(bench, tok, cfg.model.prompt_format if ecfg.chat_format else None,
-                        OmegaConf.to_container(cfg.model.special_tokens))
-    letter_ids, letter_variant = letter_token_ids(tok, *prompter.answer_context())
+    if scoring.fallback and dist.is_main:
+        print(f"[eval] warning: {scoring.fallback}", file=sys.stderr, flush=True)
     items = [(sd, q) for sd in subjects for q in sd.questions]
-    full_prompts = [build_prompt(bench, sd.subject, sd.dev[:ecfg.shots], q) for sd, q in items]
+    # the model reads the prompt and every token of the longest answer but its last
+    max_len = cfg.model.max_positions - (scoring.longest - 1)
+    if ecfg.on_overflow == "fail":
+        check_fits(prompter, items, ecfg.shots, max_len)
+    full_prompts = [prompter.build(sd.subject, sd.dev, q, ecfg.shots) for sd, q in items]
     batches = plan_batches([len(p) for p in full_prompts], ecfg.batch_size)
-    max_len = cfg.model.max_positions
     model, device = load_eval_model(ctx), device_of(ctx)
 
     rows, start = [], time.time()
-    desc = f"{bench.title} {ecfg.split} {ecfg.shots}-shot" + (f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else "")
+    desc = f"{bench.title} {split} {ecfg.shots}-shot" + (f" (rank 0 of {dist.world_size})" if dist.world_size > 1 else "")
     for batch, filler in _progress(rank_share(batches, ctx), dist.is_main, desc):
-        fitted = [prompter.fit(items[i][0].subject, items[i][0].dev, items[i][1], ecfg.shots, max_len) for i in batch]
-        logprobs = letter_logprobs(model, [f.ids for f in fitted], letter_ids, tok.pad_token_id, device)
+        fitted = [prompter.fit(items[i][0].subject, items[i][0].dev, items[i][1], ecfg.shots, max_len, ecfg.on_overflow)
+                  for i in batch]
+        logprobs = continuation_logprobs(model, [f.ids for f in fitted], scoring.continuations, tok.pad_token_id, device)
         if filler:
             continue
         probs = logprobs.softmax(-1).tolist()
@@ -145,15 +166,17 @@ def evaluate_choices(ctx: StageContext) -> None:
     if not dist.is_main:
         return
     rows = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
-    meta = {"title": bench.title, "model": cfg.model.name, "model_path": cfg.model.path, "split": ecfg.split,
+    meta = {"title": bench.title, "model": cfg.model.name, "model_path": cfg.model.path, "split": split,
             "shots": ecfg.shots, "data_dir": str(data_dir), "chat_format": cfg.model.prompt_format if ecfg.chat_format else None,
-            "max_length": max_len, "letter_tokens": tok.convert_ids_to_tokens(letter_ids),
-            "letter_variant": letter_variant, "world_size": dist.world_size, "batch_size": ecfg.batch_size,
-            "seconds": round(time.time() - start, 2)}
+            "template": ecfg.template, "max_length": cfg.model.max_positions, "on_overflow": ecfg.on_overflow,
+            "letter_scoring": scoring.mode, "letter_scoring_requested": scoring.requested,
+            "letter_fallback": scoring.fallback, "letter_text": scoring.text,
+            "letter_tokens": {l: tok.convert_ids_to_tokens(list(c)) for l, c in zip(LETTERS, scoring.continuations)},
+            "world_size": dist.world_size, "batch_size": ecfg.batch_size, "seconds": round(time.time() - start, 2)}
     summary = summarize(bench, rows)
     write_reports(ctx.run_dir, summary, rows, meta)
     overall = summary["overall"]["accuracy_over_questions"]
-    print(f"[eval] {bench.title} {ecfg.split} {ecfg.shots}-shot: {len(rows)} questions, accuracy "
+    print(f"[eval] {bench.title} {split} {ecfg.shots}-shot: {len(rows)} questions, accuracy "
           f"{'-' if overall is None else f'{100 * overall:.1f}%'} -> {ctx.run_dir / 'results.md'}", flush=True)
 
 
