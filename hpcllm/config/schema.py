@@ -226,8 +226,10 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    benchmark: str = "ceval"  # ceval | mmlu | perplexity
-    data_dir: Optional[str] = None  # None = the bundled sample
+    # ceval | mmlu (multiple choice) | afqmc | cmnli | ocnli | tnews | iflytek | csl (CLUE, label-word perplexity) |
+    # cmrc2018 | generation (an SFT test set; both by greedy generation, F1/EM) | perplexity
+    benchmark: str = "ceval"
+    data_dir: Optional[str] = None  # None = the bundled sample; generation: a jsonl file or folder
     shots: int = 5
     split: Optional[str] = None  # None = the published default: ceval val (test answers are hidden), mmlu test
     chat_format: bool = False
@@ -241,6 +243,7 @@ class EvalConfig:
     # truncate_left (cut its first tokens, as lm-eval does) | fail
     on_overflow: str = "drop_shots"
     template: str = "official"  # official (C-Eval's answer-only prompt, MMLU's) | lm_eval (its ceval-valid task)
+    max_new_tokens: int = 64  # greedy generation's longest answer (cmrc2018, generation)
 
 
 @dataclass

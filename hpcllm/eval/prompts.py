@@ -91,6 +91,39 @@ def fit_prompt(encode: Callable[[str], List[int]], build: Callable[[int], str], 
     return FittedPrompt(ids[:keep_first] + ids[len(ids) - (max_len - keep_first):], 0, True)
 
 
+def encode_plain(tokenizer, text: str) -> List[int]:
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    # Some tokenizers close every encoding with eos; the answer must follow the prompt directly.
+    return ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id and not text.endswith(tokenizer.eos_token) else ids
+
+
+class ChatEncoder:
+    """Conversations as token ids in a model family's chat format, ending where the answer begins."""
+
+    def __init__(self, tokenizer, chat_format: str, special_tokens: Optional[dict] = None) -> None:
+        from hpcllm.data.encode import special_id
+        from hpcllm.data.prompts import get_format
+
+        self.tok, self.format = tokenizer, get_format(chat_format)
+        self.tokens = self.format.resolve_tokens(special_tokens, tokenizer)
+        self.special_ids = {t: special_id(tokenizer, t, chat_format) for t in self.tokens.values()}
+
+    def pieces(self, chat):
+        return self.format.render(chat, self.tokens, generation_prompt=True)
+
+    def encode(self, chat) -> List[int]:
+        ids = []
+        for p in self.pieces(chat):
+            ids += [self.special_ids[p.text]] if p.special else self.tok.encode(p.text, add_special_tokens=False)
+        return ids
+
+
+def user_turn(text: str):
+    from hpcllm.data.prompts import Chat, Turn
+
+    return Chat([Turn("user", text)])
+
+
 class Prompter:
     """Prompts as token ids for one tokenizer, plain or in the model family's chat format."""
 
@@ -98,39 +131,20 @@ class Prompter:
                  special_tokens: Optional[dict] = None, template: str = "official") -> None:
         self.bench, self.tok, self.template = bench, tokenizer, template
         self.style = get_style(bench, template)
-        self.chat = None
-        if chat_format:
-            from hpcllm.data.encode import special_id
-            from hpcllm.data.prompts import get_format
-
-            self.chat = get_format(chat_format)
-            self.chat_tokens = self.chat.resolve_tokens(special_tokens, tokenizer)
-            self.special_ids = {t: special_id(tokenizer, t, chat_format) for t in self.chat_tokens.values()}
+        self.chat = ChatEncoder(tokenizer, chat_format, special_tokens) if chat_format else None
         bos = tokenizer.bos_token_id
         self.keep_first = int(bos is not None and self.encode("x")[:1] == [bos])
 
-    def _pieces(self, text: str):
-        from hpcllm.data.prompts import Chat, Turn
-
-        return self.chat.render(Chat([Turn("user", text)]), self.chat_tokens, generation_prompt=True)
-
     def encode(self, text: str) -> List[int]:
-        if self.chat is None:
-            ids = self.tok.encode(text, add_special_tokens=True)
-            # Some tokenizers close every encoding with eos; the answer must follow the cue directly.
-            return ids[:-1] if ids and ids[-1] == self.tok.eos_token_id and not text.endswith(self.tok.eos_token) else ids
-        ids = []
-        for p in self._pieces(text):
-            ids += [self.special_ids[p.text]] if p.special else self.tok.encode(p.text, add_special_tokens=False)
-        return ids
+        return encode_plain(self.tok, text) if self.chat is None else self.chat.encode(user_turn(text))
 
     def answer_context(self) -> Tuple[str, str]:
         """(text the answer letter follows, separator): the cue of a plain prompt; in a chat format the end
         of the user turn, and the text the family's answers begin with (Llama-2's " ", ChatGLM3's "\n")."""
         if self.chat is None:
             return self.style.cue, self.style.answer_sep
-        last = self._pieces("?")[-1]
-        first = self.chat.assistant[0]
+        last = self.chat.pieces(user_turn("?"))[-1]
+        first = self.chat.format.assistant[0]
         return ("" if last.special else last.text), (first[1] if first[0] == "text" else "")
 
     def build(self, subject: str, dev: Sequence[Question], question: Question, shots: int) -> str:

@@ -164,3 +164,48 @@ def write_reports(out_dir: Path, summary: dict, rows: List[dict], meta: dict) ->
         written.append(out_dir / "submission.json")
         written[-1].write_text(json.dumps(submission(rows), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return written
+
+
+TASK_METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "em": "EM"}
+
+
+def task_markdown(meta: dict, metrics: dict, rows: List[dict]) -> str:
+    """results.md of a CLUE or generation task: headline (with the shots used), the metrics ×100, how it scored."""
+    fewer = sum(r.get("shots", 0) < r.get("shots_requested", 0) for r in rows)
+    shots = meta.get("shots", 0)
+    title = f"# {meta['title']}{' ' + meta['split'] if meta.get('split') else ''}, {shots}-shot"
+    if fewer:
+        mean = _mean([r["shots"] for r in rows]) or 0.0
+        title += (f" (mean {mean:.2f} shots used: {fewer} of {len(rows)} prompts dropped shots to fit "
+                  f"{meta.get('max_length', '?')} tokens; NOT COMPARABLE with {shots}-shot results)")
+    text = title + f": {meta.get('model', 'model')}\n\n"
+    names = [TASK_METRIC_NAMES.get(k, k) for k in metrics]
+    text += markdown_table(["Model", "Examples", *names],
+                           [[str(meta.get("model")), str(len(rows)), *(pct(v) for v in metrics.values())]]) + "\n"
+    text += f"Scoring: {meta.get('scoring', '?')}; data {meta.get('data_dir')}.\n"
+    if meta.get("skipped_unlabeled"):
+        text += (f"\n{meta['skipped_unlabeled']} examples without a gold label (\"-\") were skipped, as CLUE does; "
+                 "they are not among the examples above.\n")
+    truncated = sum(bool(r.get("truncated")) for r in rows)
+    if truncated:
+        text += f"\n{truncated} of {len(rows)} prompts were cut from the left to fit the model's context.\n"
+    return text
+
+
+def write_task_reports(out_dir: Path, meta: dict, metrics: dict, rows: List[dict]) -> List[Path]:
+    """results.json (meta, metrics as fractions, shots used), results.md and predictions.csv of a task."""
+    out_dir = Path(out_dir)
+    fewer = sum(r.get("shots", 0) < r.get("shots_requested", 0) for r in rows)
+    summary = dict(meta, metrics=metrics, examples=len(rows),
+                   prompts={"questions": len(rows), "fewer_shots": fewer,
+                            "mean_shots": _mean([r.get("shots", 0) for r in rows]),
+                            "truncated": sum(bool(r.get("truncated")) for r in rows), "comparable": fewer == 0})
+    written = [out_dir / "results.json", out_dir / "results.md", out_dir / "predictions.csv"]
+    written[0].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written[1].write_text(task_markdown(meta, metrics, rows), encoding="utf-8")
+    fields = [k for k in (rows[0] if rows else {}) if k not in ("index", "shots_requested")]
+    with open(written[2], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or ["id"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return written
