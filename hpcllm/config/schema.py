@@ -231,7 +231,7 @@ class EvalConfig:
     benchmark: str = "ceval"
     data_dir: Optional[str] = None  # None = the bundled sample; generation: a jsonl file or folder
     shots: int = 5
-    split: Optional[str] = None  # None = the published default: ceval val (test answers are hidden), mmlu test
+    split: Optional[str] = None  # None = the published default: ceval val (test answers hidden), mmlu test, CLUE dev
     chat_format: bool = False
     batch_size: int = 4
     subjects: Optional[List[str]] = None

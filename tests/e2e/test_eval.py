@@ -84,3 +84,14 @@ def test_zero3_partitions_the_evaluated_model_and_scores_as_one_whole_copy(tmp_p
         ppl[name] = json.loads((tmp_path / name / "results.json").read_text())
     assert ppl["zero3 ppl"]["tokens"] == ppl["whole ppl"]["tokens"]
     assert ppl["zero3 ppl"]["mean_nll"] == pytest.approx(ppl["whole ppl"]["mean_nll"], rel=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_clue_and_cmrc2018_on_two_ranks_give_the_one_rank_predictions(tmp_path):
+    """The same data-parallel runner serves the CLUE (label-word perplexity) and generation benchmarks."""
+    for benchmark in ("tnews", "cmrc2018"):
+        args = (f"eval.benchmark={benchmark}", "eval.shots=0", "eval.batch_size=3", "eval.max_new_tokens=4")
+        one, results_one = run_eval_job(tmp_path / f"{benchmark} one", 1, *args)
+        two, results_two = run_eval_job(tmp_path / f"{benchmark} two", 2, *args)
+        assert len(one) == 4 and one == two
+        assert results_one["metrics"] == results_two["metrics"] and results_two["world_size"] == 2
