@@ -142,3 +142,29 @@ def test_batches_do_not_depend_on_the_world_size():
     assert batches == [[1, 3], [0, 4], [2]]
     shards = [batches[r::2] for r in range(2)]
     assert sorted(b for s in shards for b in s) == sorted(batches)
+
+
+def sentencepiece_like_tokenizer():
+    """A Metaspace ("▁") Unigram tokenizer as LLaMA's: a word-initial letter is "▁A", one inside a word "A"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", "▁", "\n", "答", "案", "：", *"ABCD", *[f"▁{l}" for l in "ABCD"]]
+    tok = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=0))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_ceval_letters_in_a_sentencepiece_vocabulary():
+    """C-Eval's official prompt puts the letter right after "答案：", where SentencePiece writes "A"; the official
+    evaluator scores tokenizer.encode("A")[-1], which is "▁A": letter_scoring=space_letter reproduces it."""
+    tok = sentencepiece_like_tokenizer()
+    official_ids = [tok.encode(l, add_special_tokens=False)[-1] for l in "ABCD"]
+    assert tok.convert_ids_to_tokens(official_ids) == ["▁A", "▁B", "▁C", "▁D"]
+    auto = resolve_letter_scoring(tok, "\n答案：", "", "auto")
+    assert auto.mode == "bare_letter" and tok.convert_ids_to_tokens([c[0] for c in auto.continuations]) == list("ABCD")
+    space = resolve_letter_scoring(tok, "\n答案：", "", "space_letter")
+    assert [c[0] for c in space.continuations] == official_ids
+    # lm-eval's ceval-valid writes " A" after "答案：": auto then scores "▁A" too
+    assert resolve_letter_scoring(tok, "\n答案：", " ", "auto").continuations == space.continuations
