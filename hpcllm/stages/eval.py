@@ -25,20 +25,20 @@ from omegaconf import OmegaConf
 
 from hpcllm.config import ConfigError
 from hpcllm.distributed import DistEnv, all_reduce, barrier
-from hpcllm.eval.benchmarks import BENCHMARKS, LETTERS, SAMPLE_DIR, default_data_dir, get_benchmark, load_benchmark
+from hpcllm.eval.benchmarks import LETTERS, SAMPLE_DIR, default_data_dir, get_benchmark, load_benchmark
+from hpcllm.eval.config import GENERATION_TASKS, eval_config_errors
 from hpcllm.eval.clue import CLUE_TASKS, choose_by_perplexity, clue_prompt, cue_of, load_clue
-from hpcllm.eval.prompts import OVERFLOWS, ChatEncoder, PromptOverflow, Prompter, encode_plain, fit_prompt, user_turn
+from hpcllm.eval.prompts import ChatEncoder, PromptOverflow, Prompter, encode_plain, fit_prompt, user_turn
 from hpcllm.eval.report import summarize, write_reports, write_task_reports
 from hpcllm.eval.scoring import choose, continuation_ids, continuation_logprobs, resolve_letter_scoring
 
-GENERATION_TASKS = ("cmrc2018", "generation")
-ALL_BENCHMARKS = (*BENCHMARKS, *CLUE_TASKS, *GENERATION_TASKS, "perplexity")
 from hpcllm.stages.base import StageContext
 
 
 def run_eval(ctx: StageContext) -> str:
-    if ctx.cfg.eval.batch_size < 1:
-        raise ConfigError(f"eval.batch_size={ctx.cfg.eval.batch_size} must be at least 1")
+    errors = eval_config_errors(ctx.cfg.eval)
+    if errors:
+        raise ConfigError("; ".join(errors))
     benchmark = ctx.cfg.eval.benchmark
     if benchmark == "perplexity":
         evaluate_perplexity(ctx)
@@ -46,10 +46,8 @@ def run_eval(ctx: StageContext) -> str:
         evaluate_clue(ctx)
     elif benchmark in GENERATION_TASKS:
         evaluate_generation(ctx)
-    elif benchmark in BENCHMARKS:
-        evaluate_choices(ctx)
     else:
-        raise ConfigError(f"eval.benchmark={benchmark!r}; valid: {', '.join(ALL_BENCHMARKS)}")
+        evaluate_choices(ctx)
     barrier()
     return "completed"
 
@@ -151,7 +149,6 @@ def check_fits(prompter: Prompter, items, shots: int, max_len: int) -> None:
 
 def evaluate_choices(ctx: StageContext) -> None:
     cfg, ecfg, dist, tok = ctx.cfg, ctx.cfg.eval, ctx.dist, ctx.tokenizer
-    check_common(ecfg)
     bench = get_benchmark(ecfg.benchmark)
     split = ecfg.split or bench.default_split
     data_dir = ecfg.data_dir or str(default_data_dir(bench.name))
@@ -203,13 +200,6 @@ def evaluate_choices(ctx: StageContext) -> None:
           f"{'-' if overall is None else f'{100 * overall:.1f}%'} -> {ctx.run_dir / 'results.md'}", flush=True)
 
 
-def check_common(ecfg) -> None:
-    if ecfg.shots < 0:
-        raise ConfigError(f"eval.shots={ecfg.shots}: give 0 (zero-shot) or more")
-    if ecfg.on_overflow not in OVERFLOWS:
-        raise ConfigError(f"eval.on_overflow={ecfg.on_overflow!r}; valid: {', '.join(OVERFLOWS)}")
-
-
 def task_meta(ctx: StageContext, title: str, split: Optional[str], data: str, **extra) -> dict:
     cfg = ctx.cfg
     return {"benchmark": cfg.eval.benchmark, "title": title, "model": cfg.model.name, "model_path": cfg.model.path,
@@ -220,7 +210,6 @@ def task_meta(ctx: StageContext, title: str, split: Optional[str], data: str, **
 def evaluate_clue(ctx: StageContext) -> None:
     """A CLUE classification task: the label whose word has the lowest perplexity after the prompt."""
     cfg, ecfg, tok = ctx.cfg, ctx.cfg.eval, ctx.tokenizer
-    check_common(ecfg)
     split = ecfg.split or "dev"
     data_dir = ecfg.data_dir or str(SAMPLE_DIR / "clue" / ecfg.benchmark)
     try:
@@ -290,7 +279,8 @@ def load_generation_set(ctx: StageContext) -> GenerationSet:
         encode = (lambda text: chat.encode(user_turn(text))) if chat else (lambda text: encode_plain(tok, text))
         return GenerationSet("CMRC2018", str(path), gen.load_cmrc(path), encode, gen.cmrc_f1, stops)
     spec = ecfg.data_dir or str(SAMPLE_DIR / "sft" / "test.jsonl")
-    plain = lambda c: encode_plain(tok, "\n".join(t.content for t in c.turns if t.role == "user") + "\n")
+    plain = lambda c: encode_plain(tok, "\n".join(t.content + (f"\n{t.input}" if t.input else "")
+                                                  for t in c.turns if t.role == "user") + "\n")
     return GenerationSet("SFT test set", spec, gen.load_sft_records(spec), chat.encode if chat else plain,
                          gen.overlap_f1, stops)
 
@@ -300,8 +290,6 @@ def evaluate_generation(ctx: StageContext) -> None:
     from hpcllm.eval.generation import exact_match, greedy_generate
 
     cfg, ecfg, tok = ctx.cfg, ctx.cfg.eval, ctx.tokenizer
-    if ecfg.max_new_tokens < 1:
-        raise ConfigError(f"eval.max_new_tokens={ecfg.max_new_tokens} must be at least 1")
     try:
         gs = load_generation_set(ctx)
     except (ValueError, FileNotFoundError) as err:

@@ -64,3 +64,22 @@ def test_prompts_longer_than_the_context(tmp_path, mode):
                              "prompts dropped shots to fit 160 tokens; NOT COMPARABLE with 5-shot results)")
     else:
         assert shots == [5] * 24 and p["comparable"] and p["truncated"] > 0 and md.startswith("# C-Eval val, 5-shot: ")
+
+
+def test_bad_eval_keys_are_named_before_anything_loads(tmp_path):
+    from types import SimpleNamespace
+
+    from hpcllm.eval.config import eval_config_errors
+
+    cfg = compose(["method=eval", "eval.letter_scoring=best", "eval.on_overflow=shrink", "eval.template=harness",
+                   "eval.shots=-1", "eval.benchmark=ocnli", "eval.chat_format=true"]).eval
+    errors = eval_config_errors(cfg)
+    assert "eval.letter_scoring='best'; valid: auto, space_letter, bare_letter, continuation" in errors
+    assert "eval.on_overflow='shrink'; valid: drop_shots, truncate_left, fail" in errors
+    assert "eval.template='harness'; valid: official, lm_eval" in errors
+    assert "eval.shots=-1 must be at least 0" in errors
+    assert any(e.startswith("eval.chat_format=true: ocnli is scored on the plain prompt") for e in errors)
+    bad = SimpleNamespace(**dict(compose(["method=eval"]).eval, benchmark="mmmlu"))
+    assert eval_config_errors(bad)[0].startswith("eval.benchmark='mmmlu'; valid: ceval, mmlu, afqmc")
+    with pytest.raises(ConfigError, match="eval.letter_scoring='best'"):
+        run_in_process(tmp_path, "eval.letter_scoring=best")
