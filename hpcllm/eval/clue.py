@@ -147,6 +147,9 @@ def load_clue(name: str, data_dir: str | os.PathLike, split: str, shots: int) ->
     examples, skipped = read_examples(task, path)
     train = read_examples(task, split_path(data_dir, "train", name))[0][:shots] if shots else []
     words = label_words(task, data_dir, examples + train)
+    if not words:
+        raise ValueError(f"{path}: no label names to score ({task.title}'s labels.json is not in {data_dir} and the "
+                         "file has no labels)")
     for e in examples + train:
         if e.label is not None and e.label not in words:
             raise ValueError(f"{path}:{e.line}: label {e.label!r} is not one of {task.title}'s: "

@@ -90,3 +90,12 @@ def test_predictions_equal_a_hand_computation_on_the_tiny_model(tmp_path, task, 
     assert results["metrics"]["accuracy"] == pytest.approx(accuracy)
     assert results["label_words"] == data.words and md.startswith(f"# {data.task.title} dev, {shots}-shot: ")
     assert json.loads((tmp_path / "results.json").read_text())["skipped_unlabeled"] == (1 if task == "ocnli" else 0)
+
+
+def test_a_test_split_without_labels_needs_the_label_names(tmp_path):
+    (tmp_path / "test.json").write_text('{"sentence": "每天推送新闻", "label": ""}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="test.json: no label names to score \\(IFLYTEK's labels.json is not in"):
+        load_clue("iflytek", tmp_path, "test", 0)
+    (tmp_path / "labels.json").write_text('{"label": "22", "label_des": "新闻"}\n', encoding="utf-8")
+    data = load_clue("iflytek", tmp_path, "test", 0)
+    assert data.words == {"新闻": "新闻"} and data.examples[0].label is None
