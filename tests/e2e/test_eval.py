@@ -18,7 +18,7 @@ def run_eval_job(run_dir, ranks, *overrides):
         return list(csv.DictReader(f)), json.loads((run_dir / "results.json").read_text())
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)  # two launches; about 230 s on 2 cores shared by other jobs
 def test_two_ranks_predict_exactly_what_one_rank_does(tmp_path):
     # batch_size 5 over 24 questions: the last batch is partial and the ranks get unequal shares.
     args = ("eval.benchmark=ceval", "eval.shots=5", "eval.batch_size=5")
@@ -62,7 +62,7 @@ def saved_model(tmp_path_factory):
     return out
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_zero3_partitions_the_evaluated_model_and_scores_as_one_whole_copy(tmp_path, saved_model, capfd):
     """zero=stage3: two ranks each hold half of the model (an optimizer-less DeepSpeed engine) and give the
     predictions of one rank holding it whole; the rank with one batch fewer runs a filler batch."""
