@@ -63,7 +63,7 @@ class PromptOverflow(ValueError):
 @dataclass(frozen=True)
 class FittedPrompt:
     ids: List[int]
-    shots: int  # shots whose text the prompt holds in full (truncate_left counts the shots asked for)
+    shots: int  # shots in the prompt (truncate_left: all asked for, the first ones possibly cut)
     truncated: bool  # cut from the left
 
 
