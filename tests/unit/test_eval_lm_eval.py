@@ -47,7 +47,7 @@ SUBJECTS = {"mmlu": "[abstract_algebra,nutrition]", "ceval": "[computer_network,
 @needs_lm_eval
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("benchmark,template", [("mmlu", "official"), ("ceval", "official"), ("ceval", "lm_eval")])
-def test_predictions_agree_with_lm_eval_question_by_question(tmp_path, exported_model, benchmark, template):
+def test_predictions_agree_with_lm_eval_question_by_question(tmp_path, exported_model, benchmark, template, capsys):
     # With the demo tokenizer " D" is two tokens: MMLU and ceval-valid score every letter by its summed
     # continuation (auto's fallback); C-Eval's official "答案：A" has single bare letters.
     args = (f"eval.benchmark={benchmark}", "eval.shots=2", f"eval.subjects={SUBJECTS[benchmark]}",
@@ -61,6 +61,16 @@ def test_predictions_agree_with_lm_eval_question_by_question(tmp_path, exported_
     assert report["same_prediction"] == report["questions"], report["per_question"]
     assert report["max_prob_diff"] < 1e-5  # hpcllm's probabilities are written to 6 decimals
     assert json.loads((tmp_path / "check" / "lm_eval_check.json").read_text())["agreement"] == 1.0
+    if benchmark == "ceval" and template == "official":  # the command line: exit 0, the agreement printed
+        import importlib.util
+        from pathlib import Path
+
+        spec = importlib.util.spec_from_file_location(
+            "compare_evals", Path(__file__).resolve().parents[2] / "tools" / "compare_evals.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+        assert tool.main([str(tmp_path / "run"), "--lm-eval"]) == 0
+        assert "lm-eval agreement: 12 of 12 predictions the same (100.0%)" in capsys.readouterr().out
     if benchmark == "mmlu":  # the check can fail: bare letters are not what lm-eval scores after "Answer:"
         run_in_process(tmp_path / "bare", *args, "eval.letter_scoring=bare_letter")
         bare = cross_check(tmp_path / "bare", tmp_path / "bare check")
