@@ -46,8 +46,7 @@ ClusterName = _choices("ClusterName", "local slurm")
 Precision = _choices("Precision", "auto fp32 fp16 bf16")
 Attention = _choices("Attention", "sdpa eager flash_attention_2")
 DataMode = _choices("DataMode", "pack truncate split")
-Benchmark = _choices("Benchmark", "ceval mmlu perplexity")
-EvalSplit = _choices("EvalSplit", "val test")
+Benchmark = _choices("Benchmark", "ceval mmlu afqmc cmnli ocnli tnews iflytek csl cmrc2018 generation perplexity")
 WandbMode = _choices("WandbMode", "offline online")
 Preflight = _choices("Preflight", "refuse warn off")
 
@@ -291,13 +290,24 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    benchmark: Benchmark = Benchmark.ceval  # ceval | mmlu | perplexity
-    data_dir: Optional[str] = None  # None = the bundled sample
+    # ceval | mmlu (multiple choice) | afqmc | cmnli | ocnli | tnews | iflytek | csl (CLUE, label-word perplexity) |
+    # cmrc2018 | generation (an SFT test set; both by greedy generation, F1/EM) | perplexity
+    benchmark: Benchmark = Benchmark.ceval
+    data_dir: Optional[str] = None  # None = the bundled sample; generation: a jsonl file or folder
     shots: int = 5
-    split: EvalSplit = EvalSplit.val  # ceval: val | test; mmlu: test
+    split: Optional[str] = None  # None = the published default: ceval val (test answers hidden), mmlu test, CLUE dev
     chat_format: bool = False
     batch_size: int = 4
     subjects: Optional[List[str]] = None
+    # how an answer letter is scored: auto | space_letter (" A" one token) | bare_letter ("A") |
+    # continuation (summed log-probs of all its tokens, as lm-eval); auto = the benchmark's answer as one
+    # token where every letter is one, else continuation (warned, recorded in results.json/results.md)
+    letter_scoring: str = "auto"
+    # a k-shot prompt longer than the context: drop_shots (fewest dropped; results marked not comparable) |
+    # truncate_left (cut its first tokens, as lm-eval does) | fail
+    on_overflow: str = "drop_shots"
+    template: str = "official"  # official (C-Eval's answer-only prompt, MMLU's) | lm_eval (its ceval-valid task)
+    max_new_tokens: int = 64  # greedy generation's longest answer (cmrc2018, generation)
 
 
 @dataclass

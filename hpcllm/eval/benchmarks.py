@@ -10,6 +10,7 @@ Files lying directly in ``data_dir`` (``data_dir/{subject}_{split}.csv``) are re
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class Benchmark:
     prompt_names: Dict[str, str]  # subject -> the name its prompt header uses
     hard: Tuple[str, ...] = ()
     has_header: bool = True
+    default_split: str = "val"  # the split published numbers are on (C-Eval's test answers are hidden)
 
     def category(self, subject: str) -> str:
         return self.subject_category[subject]
@@ -59,7 +61,7 @@ BENCHMARKS = {
         {s: v[1] for s, v in CEVAL_SUBJECTS.items()}, hard=CEVAL_HARD, has_header=True),
     "mmlu": Benchmark(
         "mmlu", "MMLU", MMLU_CATEGORIES, {s: MMLU_SUBCATEGORY_CATEGORY[c] for s, c in MMLU_SUBCATEGORIES.items()},
-        {s: s.replace("_", " ") for s in MMLU_SUBCATEGORIES}, has_header=False),
+        {s: s.replace("_", " ") for s in MMLU_SUBCATEGORIES}, has_header=False, default_split="test"),
 }
 
 
@@ -92,19 +94,44 @@ def list_subjects(data_dir: str | os.PathLike, split: str) -> List[str]:
     return sorted(found)
 
 
-def read_questions(bench: Benchmark, path: Path, subject: str) -> List[Question]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+def read_rows(path: Path) -> List[Tuple[int, List[str]]]:
+    """The CSV's rows with the line each starts on (a quoted cell may span lines); a file that is not
+    UTF-8 text names itself."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); is it a CSV file?") from err
+    if "\x00" in text:
+        raise ValueError(f"{path}: not a readable CSV file (a NUL byte on line {text[:text.index(chr(0))].count(chr(10)) + 1}"
+                         "; binary data?)")
+    reader, out, line = csv.reader(io.StringIO(text, newline="")), [], 1
+    try:
+        for row in reader:
+            out.append((line, row))
+            line = reader.line_num + 1
+    except csv.Error as err:
+        raise ValueError(f"{path}:{line}: not a readable CSV file ({err})") from err
+    return out
+
+
+def read_questions(bench: Benchmark, path: Path, subject: str, need_answers: bool = False) -> List[Question]:
+    """The file's questions. Only the question is stripped of surrounding whitespace, as lm-evaluation-harness
+    does (``question.strip()``); choices are kept verbatim. Answers are all or nothing in a file: a file
+    without any (C-Eval's test split) is scored for submission, while one empty answer cell among answered
+    questions is refused with its row, as is any empty answer where ``need_answers`` (the dev shots)."""
+    rows = read_rows(path)
     if bench.has_header:
-        header, rows = rows[0], rows[1:]
+        if not rows:
+            raise ValueError(f"{path}: empty file (expected the header id,question,A,B,C,D,answer,explanation)")
+        header, rows = [c.strip() for c in rows[0][1]], rows[1:]
         missing = [c for c in ("id", "question", *LETTERS) if c not in header]
         if missing:
             raise ValueError(f"{path}: header lacks {', '.join(missing)} (expected id,question,A,B,C,D,answer,explanation)")
         col = {name: header.index(name) for name in header}
     else:
         col = {"question": 0, "A": 1, "B": 2, "C": 3, "D": 4, "answer": 5}
-    out = []
-    for line, row in enumerate(rows, start=2 if bench.has_header else 1):
+    out, unanswered = [], []
+    for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) < 5:
@@ -112,9 +139,16 @@ def read_questions(bench: Benchmark, path: Path, subject: str) -> List[Question]
         answer = row[col["answer"]].strip() if "answer" in col and col["answer"] < len(row) else ""
         if answer and answer not in LETTERS:
             raise ValueError(f"{path}:{line}: answer {answer!r} is not one of A, B, C, D")
+        if not answer:
+            unanswered.append(line)
         qid = row[col["id"]].strip() if "id" in col else str(len(out))
-        out.append(Question(subject, qid, row[col["question"]].strip(),
-                            tuple(row[col[c]].strip() for c in LETTERS), answer or None))
+        out.append(Question(subject, qid, row[col["question"]].strip(), tuple(row[col[c]] for c in LETTERS),
+                            answer or None))
+    if unanswered and (need_answers or len(unanswered) < len(out)):
+        why = "few-shot examples need their answers" if need_answers else \
+            f"{len(out) - len(unanswered)} other questions of the file have answers"
+        raise ValueError(f"{path}:{unanswered[0]}: empty answer cell ({len(unanswered)} in the file; {why}): "
+                         "fill in the letter or remove the row")
     return out
 
 
@@ -138,11 +172,14 @@ def load_benchmark(bench: Benchmark, data_dir: str | os.PathLike, split: str,
             raise ValueError(f"eval.subjects: no {split} file for {', '.join(absent)} under {data_dir}")
     else:
         if not available:
-            raise ValueError(f"eval.data_dir={data_dir}: no {bench.title} files {split}/<subject>_{split}.csv")
+            others = [s for s in SPLITS if s not in (split, "dev") and list_subjects(data_dir, s)]
+            hint = f"; it has {others[0]}/ files: set eval.split={others[0]}" if others else ""
+            raise ValueError(f"eval.data_dir={data_dir}: no {bench.title} files {split}/<subject>_{split}.csv "
+                             f"(eval.split={split}){hint}")
         bench.check_subjects(available, key=f"files in {data_dir}")
     out = []
     for subject in subjects or available:
         dev_path = split_file(data_dir, "dev", subject)
-        dev = read_questions(bench, dev_path, subject) if dev_path else []
+        dev = read_questions(bench, dev_path, subject, need_answers=True) if dev_path else []
         out.append(SubjectData(subject, dev, read_questions(bench, split_file(data_dir, split, subject), subject)))
     return out

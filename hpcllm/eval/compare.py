@@ -22,6 +22,8 @@ def load_results(run_dirs: Sequence[str | Path]) -> List[dict]:
 
 def label(result: dict) -> str:
     shots = f" {result['shots']}-shot" if "shots" in result else ""
+    if not result.get("prompts", {}).get("comparable", True):
+        shots += f" (mean {result['prompts']['mean_shots']:.1f} shots, not comparable)"
     return f"{result.get('model', '?')}{shots} ({Path(result['run_dir']).name})"
 
 
@@ -37,6 +39,9 @@ def columns_and_values(bench: str, runs: Sequence[dict], average: str):
     """(column names, per run a list of numbers or None); accuracies in %."""
     if bench == "perplexity":
         return PPL_COLUMNS, [[r["perplexity"], r["mean_nll"], r["tokens"]] for r in runs]
+    if "metrics" in runs[0]:  # a CLUE or generation task: its metrics, ×100
+        names = list(runs[0]["metrics"])
+        return names, [[None if r["metrics"].get(n) is None else 100 * r["metrics"][n] for n in names] for r in runs]
     columns = leaderboard_columns(bench, list(runs[0]["categories"]))
     return columns, [[None if v is None else 100 * v for v in leaderboard_row(r, average)] for r in runs]
 
@@ -48,7 +53,7 @@ def compare_markdown(results: Sequence[dict], average: str = "questions") -> str
         columns, values = columns_and_values(bench, runs, average)
         title = runs[0].get("title", bench)
         split = f" {runs[0]['split']}" if "split" in runs[0] else ""
-        note = f", accuracy (%) averaged over {average}" if bench != "perplexity" else ""
+        note = "" if bench == "perplexity" else ", ×100" if "metrics" in runs[0] else f", accuracy (%) averaged over {average}"
         fmt = (lambda v: "-" if v is None else f"{v:.1f}") if bench != "perplexity" else (lambda v: f"{v:.4g}")
         rows = [[label(r)] + [fmt(v) for v in vals] for r, vals in zip(runs, values)]
         text.append(f"## {title}{split}{note}\n\n" + markdown_table(["Run"] + columns, rows))
@@ -74,7 +79,7 @@ def compare_chart(results: Sequence[dict], path: str | Path, average: str = "que
             xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(columns))]
             ax.bar(xs, [0 if v is None else v for v in vals], width, label=label(r))
         ax.set_xticks(range(len(columns)), columns)
-        ax.set_ylabel("perplexity" if bench == "perplexity" else f"accuracy % (over {average})")
+        ax.set_ylabel("perplexity" if bench == "perplexity" else "×100" if "metrics" in runs[0] else f"accuracy % (over {average})")
         ax.set_title(" ".join(str(x) for x in (runs[0].get("title", bench), runs[0].get("split")) if x))
         ax.legend(fontsize="small")
     fig.tight_layout()

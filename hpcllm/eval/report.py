@@ -14,7 +14,7 @@ from hpcllm.eval.benchmarks import LETTERS, Benchmark
 
 AVERAGES = ("questions", "subjects")
 PREDICTION_FIELDS = ("subject", "category", "id", "answer", "prediction", "correct", "shots", "truncated",
-                     *(f"prob_{letter}" for letter in LETTERS), "question")
+                     "prompt_tokens", *(f"prob_{letter}" for letter in LETTERS), "question")
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -56,10 +56,40 @@ def summarize(bench: Benchmark, rows: List[dict]) -> dict:
     if bench.hard:
         out["hard"] = group_score(subjects, bench.hard)
     out["overall"] = group_score(subjects, subjects)
-    out["prompts"] = {"questions": len(rows), "fewer_shots": sum(r["shots"] < r["shots_requested"] for r in rows),
-                      "truncated": sum(bool(r["truncated"]) for r in rows)}
+    out["prompts"] = prompt_summary(rows)
     out["has_answers"] = any(s["answered"] for s in subjects.values())
     return out
+
+
+def prompt_summary(rows: List[dict]) -> dict:
+    """How many shots the prompts really held: a result whose prompts dropped shots is not the k-shot
+    result it is named after, and is marked not comparable."""
+    fewer = sum(r["shots"] < r["shots_requested"] for r in rows)
+    return {"questions": len(rows), "fewer_shots": fewer, "truncated": sum(bool(r["truncated"]) for r in rows),
+            "mean_shots": _mean([r["shots"] for r in rows]), "min_shots": min((r["shots"] for r in rows), default=None),
+            "comparable": fewer == 0}
+
+
+def headline(summary: dict, meta: dict) -> str:
+    """results.md's title: benchmark, split, shots asked for and, where prompts dropped some, the mean used."""
+    p, shots = summary["prompts"], meta.get("shots", "?")
+    text = f"# {meta.get('title', summary['benchmark'])} {meta.get('split', '')}, {shots}-shot"
+    if not p["comparable"]:
+        text += (f" (mean {p['mean_shots']:.2f} shots used: {p['fewer_shots']} of {p['questions']} prompts dropped "
+                 f"shots to fit {meta.get('max_length', '?')} tokens; NOT COMPARABLE with {shots}-shot results)")
+    return text + f": {meta.get('model', 'model')}\n\n"
+
+
+def scoring_note(meta: dict) -> str:
+    mode = meta.get("letter_scoring")
+    if mode is None:
+        return ""
+    tokens = ", ".join(f"{l}={t}" for l, t in meta.get("letter_tokens", {}).items())
+    text = f"Letters scored: `{mode}` (eval.letter_scoring={meta.get('letter_scoring_requested', mode)}; tokens {tokens})"
+    text += f", prompt template `{meta.get('template', 'official')}`, overflow `{meta.get('on_overflow', '?')}`.\n"
+    if meta.get("letter_fallback"):
+        text += f"\n**Fallback:** {meta['letter_fallback']}.\n"
+    return text + "\n"
 
 
 def leaderboard_columns(bench_name: str, categories: Sequence[str]) -> List[str]:
@@ -87,7 +117,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], text_co
 def results_markdown(summary: dict, meta: dict) -> str:
     bench, model = summary["benchmark"], meta.get("model", "model")
     columns = leaderboard_columns(bench, list(summary["categories"]))
-    title = f"# {meta.get('title', bench)} {meta.get('split', '')}, {meta.get('shots', '?')}-shot: {model}\n\n"
+    title = headline(summary, meta) + scoring_note(meta)
     if not summary["has_answers"]:
         return (title + f"The {meta.get('split')} split publishes no answers: predictions for the leaderboard are in "
                 "submission.json, every question's in predictions.csv.\n")
@@ -98,8 +128,10 @@ def results_markdown(summary: dict, meta: dict) -> str:
                     for name, s in summary["subjects"].items()]
     text += markdown_table(["Subject", "Category", "Questions", "Accuracy"], subject_rows, text_columns=2)
     p = summary["prompts"]
-    text += (f"\n{p['fewer_shots']} of {p['questions']} prompts dropped shots to fit the model's context "
-             f"({meta.get('max_length', '?')} tokens); {p['truncated']} were cut from the left.\n")
+    mean = "-" if p["mean_shots"] is None else f"{p['mean_shots']:.2f}"
+    text += (f"\nShots used: mean {mean} of {meta.get('shots', '?')} asked for; {p['fewer_shots']} of {p['questions']} "
+             f"prompts dropped shots to fit the model's context ({meta.get('max_length', '?')} tokens); "
+             f"{p['truncated']} were cut from the left.\n")
     return text
 
 
@@ -131,4 +163,49 @@ def write_reports(out_dir: Path, summary: dict, rows: List[dict], meta: dict) ->
     if any(r["answer"] is None for r in rows):
         written.append(out_dir / "submission.json")
         written[-1].write_text(json.dumps(submission(rows), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return written
+
+
+TASK_METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "em": "EM"}
+
+
+def task_markdown(meta: dict, metrics: dict, rows: List[dict]) -> str:
+    """results.md of a CLUE or generation task: headline (with the shots used), the metrics ×100, how it scored."""
+    fewer = sum(r.get("shots", 0) < r.get("shots_requested", 0) for r in rows)
+    shots = meta.get("shots", 0)
+    title = f"# {meta['title']}{' ' + meta['split'] if meta.get('split') else ''}, {shots}-shot"
+    if fewer:
+        mean = _mean([r["shots"] for r in rows]) or 0.0
+        title += (f" (mean {mean:.2f} shots used: {fewer} of {len(rows)} prompts dropped shots to fit "
+                  f"{meta.get('max_length', '?')} tokens; NOT COMPARABLE with {shots}-shot results)")
+    text = title + f": {meta.get('model', 'model')}\n\n"
+    names = [TASK_METRIC_NAMES.get(k, k) for k in metrics]
+    text += markdown_table(["Model", "Examples", *names],
+                           [[str(meta.get("model")), str(len(rows)), *(pct(v) for v in metrics.values())]]) + "\n"
+    text += f"Scoring: {meta.get('scoring', '?')}; data {meta.get('data_dir')}.\n"
+    if meta.get("skipped_unlabeled"):
+        text += (f"\n{meta['skipped_unlabeled']} examples without a gold label (\"-\") were skipped, as CLUE does; "
+                 "they are not among the examples above.\n")
+    truncated = sum(bool(r.get("truncated")) for r in rows)
+    if truncated:
+        text += f"\n{truncated} of {len(rows)} prompts were cut from the left to fit the model's context.\n"
+    return text
+
+
+def write_task_reports(out_dir: Path, meta: dict, metrics: dict, rows: List[dict]) -> List[Path]:
+    """results.json (meta, metrics as fractions, shots used), results.md and predictions.csv of a task."""
+    out_dir = Path(out_dir)
+    fewer = sum(r.get("shots", 0) < r.get("shots_requested", 0) for r in rows)
+    summary = dict(meta, metrics=metrics, examples=len(rows),
+                   prompts={"questions": len(rows), "fewer_shots": fewer,
+                            "mean_shots": _mean([r.get("shots", 0) for r in rows]),
+                            "truncated": sum(bool(r.get("truncated")) for r in rows), "comparable": fewer == 0})
+    written = [out_dir / "results.json", out_dir / "results.md", out_dir / "predictions.csv"]
+    written[0].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    written[1].write_text(task_markdown(meta, metrics, rows), encoding="utf-8")
+    fields = [k for k in (rows[0] if rows else {}) if k not in ("index", "shots_requested")]
+    with open(written[2], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields or ["id"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     return written

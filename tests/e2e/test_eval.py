@@ -18,7 +18,7 @@ def run_eval_job(run_dir, ranks, *overrides):
         return list(csv.DictReader(f)), json.loads((run_dir / "results.json").read_text())
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)  # two launches; about 230 s on 2 cores shared by other jobs
 def test_two_ranks_predict_exactly_what_one_rank_does(tmp_path):
     # batch_size 5 over 24 questions: the last batch is partial and the ranks get unequal shares.
     args = ("eval.benchmark=ceval", "eval.shots=5", "eval.batch_size=5")
@@ -62,7 +62,7 @@ def saved_model(tmp_path_factory):
     return out
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_zero3_partitions_the_evaluated_model_and_scores_as_one_whole_copy(tmp_path, saved_model, capfd):
     """zero=stage3: two ranks each hold half of the model (an optimizer-less DeepSpeed engine) and give the
     predictions of one rank holding it whole; the rank with one batch fewer runs a filler batch."""
@@ -84,3 +84,20 @@ def test_zero3_partitions_the_evaluated_model_and_scores_as_one_whole_copy(tmp_p
         ppl[name] = json.loads((tmp_path / name / "results.json").read_text())
     assert ppl["zero3 ppl"]["tokens"] == ppl["whole ppl"]["tokens"]
     assert ppl["zero3 ppl"]["mean_nll"] == pytest.approx(ppl["whole ppl"]["mean_nll"], rel=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_cmrc2018_generation_on_two_ranks_gives_the_one_rank_answers(tmp_path):
+    """Generation (CLUE and CMRC2018 share the multiple-choice runner): 2 ranks with unequal shares (batches of
+    3 and 1) answer as one in-process rank does."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_eval_stage import run_in_process
+
+    args = ("eval.benchmark=cmrc2018", "eval.shots=0", "eval.batch_size=3", "eval.max_new_tokens=4")
+    results_one, _, one = run_in_process(tmp_path / "one", *args)
+    two, results_two = run_eval_job(tmp_path / "two", 2, *args)
+    assert len(one) == 4 and one == two
+    assert results_one["metrics"] == results_two["metrics"] and results_two["world_size"] == 2

@@ -56,3 +56,45 @@ def test_errors_name_what_to_fix(tmp_path):
     (tmp_path / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,E\n")
     with pytest.raises(ValueError, match="law_val.csv:2: answer 'E'"):
         load_benchmark(ceval, tmp_path, "val")
+
+
+def test_only_the_question_is_stripped_as_lm_eval_does(tmp_path):
+    (tmp_path / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,\" 问题 \n\", 甲,乙 ,丙,丁,A\n1,\"多\n行\",a,b,c,d,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="law_val.csv:4: empty answer cell"):  # the row starts on line 4
+        read_questions(get_benchmark("ceval"), tmp_path / "law_val.csv", "law")
+    (tmp_path / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,\" 问题 \n\", 甲,乙 ,丙,丁,A\n", encoding="utf-8")
+    [q] = read_questions(get_benchmark("ceval"), tmp_path / "law_val.csv", "law")
+    assert q.question == "问题" and q.choices == (" 甲", "乙 ", "丙", "丁")
+
+
+def test_mmlu_defaults_to_its_published_test_split_and_ceval_to_val(tmp_path):
+    assert get_benchmark("mmlu").default_split == "test" and get_benchmark("ceval").default_split == "val"
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "anatomy_test.csv").write_text("Q?,a,b,c,d,A\n")
+    with pytest.raises(ValueError, match=r"no MMLU files val/<subject>_val.csv \(eval.split=val\); it has test/ "
+                                         r"files: set eval.split=test"):
+        load_benchmark(get_benchmark("mmlu"), tmp_path, "val")
+
+
+def test_an_empty_answer_among_answered_questions_is_refused_with_its_row(tmp_path):
+    """Issue 13: an empty answer cell was counted among the questions without saying how it was scored."""
+    mmlu = get_benchmark("mmlu")
+    path = tmp_path / "anatomy_test.csv"
+    path.write_text("Q1?,a,b,c,d,A\nQ2?,a,b,c,d,\nQ3?,a,b,c,d,B\n")
+    with pytest.raises(ValueError, match=r"anatomy_test.csv:2: empty answer cell \(1 in the file; 2 other questions "
+                                         r"of the file have answers\): fill in the letter or remove the row"):
+        read_questions(mmlu, path, "anatomy")
+    # a file without any answer (C-Eval's test split) is read for a submission; dev shots need every answer
+    path.write_text("Q1?,a,b,c,d,\nQ2?,a,b,c,d\n")
+    assert [q.answer for q in read_questions(mmlu, path, "anatomy")] == [None, None]
+    with pytest.raises(ValueError, match="anatomy_test.csv:1: empty answer cell.*few-shot examples need"):
+        read_questions(mmlu, path, "anatomy", need_answers=True)
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", b"Q?,a,b\x00,c,d,A\n"])
+def test_a_binary_csv_names_the_file(tmp_path, content):
+    """Issue 13: a binary CSV's error lacked the file name."""
+    path = tmp_path / "anatomy_test.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"anatomy_test.csv: not (UTF-8 text|a readable CSV)"):
+        read_questions(get_benchmark("mmlu"), path, "anatomy")

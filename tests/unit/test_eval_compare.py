@@ -43,3 +43,21 @@ def test_missing_results_is_a_usage_error(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_evals.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "no results.json" in out.stderr
+
+
+def test_task_runs_and_runs_that_dropped_shots(tmp_path):
+    from hpcllm.eval.compare import compare_markdown, load_results
+    from hpcllm.eval.report import write_task_reports
+
+    runs = []
+    for name, accuracy, shots in (("ocnli a", 0.5, [2, 2]), ("ocnli b", 0.75, [2, 1])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"index": i, "shots": s, "shots_requested": 2, "truncated": 0} for i, s in enumerate(shots)]
+        write_task_reports(run, {"benchmark": "ocnli", "title": "OCNLI", "model": "tiny", "split": "dev", "shots": 2},
+                           {"accuracy": accuracy}, rows)
+        runs.append(run)
+    table = compare_markdown(load_results(runs))
+    assert "## OCNLI dev, ×100" in table and "| Run | accuracy |" in table
+    assert "| tiny 2-shot (ocnli a) | 50.0 |" in table
+    assert "| tiny 2-shot (mean 1.5 shots, not comparable) (ocnli b) | 75.0 |" in table

@@ -3,7 +3,7 @@ import pytest
 
 from hpcllm.data import load_tokenizer
 from hpcllm.eval.benchmarks import Question, default_data_dir, get_benchmark, load_benchmark
-from hpcllm.eval.prompts import Prompter, build_prompt, fit_prompt
+from hpcllm.eval.prompts import PromptOverflow, Prompter, build_prompt, fit_prompt
 
 CEVAL, MMLU = get_benchmark("ceval"), get_benchmark("mmlu")
 
@@ -67,6 +67,31 @@ def test_fit_truncates_from_the_left_when_no_shot_fits():
     assert "".join(map(chr, fitted.ids)) == "HHHquestion?"  # the end (question and answer cue) survives
     kept = fit_prompt(words, lambda k: "<" + build(k), 3, 12, keep_first=1)
     assert "".join(map(chr, kept.ids)) == "<HHquestion?"  # a bos token stays first
+
+
+def test_overflow_modes():
+    build = lambda k: "H" + "S" * 10 * k + "Q" * 5
+    cut = fit_prompt(words, build, 5, 30, on_overflow="truncate_left")  # every shot, its first tokens cut
+    assert (cut.shots, cut.truncated, len(cut.ids)) == (5, True, 30)
+    assert "".join(map(chr, cut.ids)) == build(5)[-30:]
+    with pytest.raises(PromptOverflow, match="the 5-shot prompt is 56 tokens, more than the 30 that fit"):
+        fit_prompt(words, build, 5, 30, on_overflow="fail")
+    assert fit_prompt(words, build, 5, 56, on_overflow="fail").shots == 5  # what fits passes in every mode
+    with pytest.raises(ValueError, match="eval.on_overflow='shrink'; valid: drop_shots, truncate_left, fail"):
+        fit_prompt(words, build, 5, 30, on_overflow="shrink")
+
+
+def test_lm_eval_ceval_valid_template():
+    """eval.template=lm_eval: lm-evaluation-harness's ceval-valid task (no 考试, " A" after 答案：)."""
+    shots = [q(i) for i in range(2)]
+    text = build_prompt(CEVAL, "computer_network", shots, q(9, None), "lm_eval")
+    assert text == ("以下是中国关于计算机网络的单项选择题，请选出其中的正确答案。\n\n"
+                    + "".join(ceval_shot(i).replace("答案：B", "答案： B") for i in range(2)) + CEVAL_QUESTION)
+    mmlu_q = Question("anatomy", "0", "Q?", ("1", "2", "3", "4"), "A")
+    assert build_prompt(MMLU, "anatomy", [mmlu_q], mmlu_q, "lm_eval") == build_prompt(MMLU, "anatomy", [mmlu_q], mmlu_q)
+    assert Prompter(CEVAL, load_tokenizer("demo"), template="lm_eval").answer_context() == ("\n答案：", " ")
+    with pytest.raises(ValueError, match="eval.template='harness'; valid: official, lm_eval"):
+        build_prompt(CEVAL, "computer_network", [], q(9), "harness")
 
 
 def test_prompter_fits_real_tokens():
