@@ -65,7 +65,7 @@ REFUSED = [
     (["method.adapter=qlora"], r"expected one of \[none, lora, freeze, ptuning\][\s\S]*method.adapter"),
     (["train.precision=fp8"], r"expected one of \[auto, fp32, fp16, bf16\][\s\S]*train.precision"),
     (["preflight=maybe"], r"expected one of \[refuse, warn, off\][\s\S]*preflight"),
-    (["eval.benchmark=cmmlu"], r"expected one of \[ceval, mmlu, perplexity\][\s\S]*eval.benchmark"),
+    (["eval.benchmark=cmmlu"], r"expected one of \[ceval, mmlu, afqmc, [\s\S]*perplexity\][\s\S]*eval.benchmark"),
     (["wandb.mode=cloud"], r"expected one of \[offline, online\][\s\S]*wandb.mode"),
     (["model.position=nope"], r"expected one of \[rope, alibi, learned\][\s\S]*model.position"),
     (["method.stage=sft"], r"method.stage='sft' is not one of lm, reward, dpo, ppo, eval"),
@@ -83,7 +83,6 @@ REFUSED = [
     (["method=eval", "eval.shots=-1"], r"eval.shots=-1 must be at least 0 \(0 = zero-shot\)"),
     (["method=eval", "eval.benchmark=perplexity", "data.train=null"],
      r"eval.benchmark=perplexity needs data.eval or data.train"),
-    (["eval.split=dev"], r"expected one of \[val, test\][\s\S]*eval.split"),
 ]
 
 
