@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 import hpcllm.config  # noqa: F401  (registers the schemas and resolvers)
 from hpcllm.config import ConfigError
 from hpcllm.launch import backends
-from hpcllm.launch.job import prepare
+from hpcllm.launch.job import RunComplete, prepare
 from hpcllm.plan import PreflightRefused
 
 
@@ -28,6 +28,9 @@ def main(cfg: DictConfig) -> None:
         print(f"[dry run] would be refused: {err}")  # a dry run still shows everything it rendered
     except ConfigError as err:
         sys.exit(f"hpcllm: {err}")
+    except RunComplete as done:
+        print(f"hpcllm: {done}")
+        return
     if cfg.dry_run:
         backends.show(job)
         return

@@ -7,9 +7,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from hpcllm.config import Derived, JobConfig, derive
+from hpcllm.config import ConfigError, Derived, JobConfig, derive
+from hpcllm.launch.lock import acquire
 from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
+
+
+class RunComplete(Exception):
+    """The run directory holds a finished run of this config: nothing to do, nothing touched."""
 
 
 @dataclass
@@ -32,12 +37,48 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    acquire(run_dir)  # held until this process exits; its ranks share it
+    check_run_dir(cfg, run_dir)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     for name, ds_config in render_ds_configs(cfg, derived).items():
         write_text_atomic(run_dir / name, json.dumps(ds_config, indent=2) + "\n")
     params = slurm_parameters(cfg, derived, str(run_dir))
     write_text_atomic(run_dir / "job.sbatch", render_sbatch(params, str(run_dir)))
     return PreparedJob(cfg, derived, run_dir, params)
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Before anything in a run directory changes: refuse to mix an earlier run into a new one or to
+    continue it with another model or data; say so when it is already complete (RunComplete)."""
+    from hpcllm.launch.datasets import memmap_paths
+    from hpcllm.train.checkpoint import complete_checkpoints, read_state
+    from hpcllm.train.resume import MAY_CHANGE, check_resume
+
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if not done or cfg.method.stage == "eval":
+        return
+    if cfg.resume == "never":
+        raise ConfigError(f"resume=never, but {run_dir} holds checkpoints of an earlier run (latest {done[-1].name}); "
+                          "training from scratch there would mix the two runs: pass another hydra.run.dir for a new "
+                          "run, or resume=auto to continue that one")
+    checkpoint = done[-1] if cfg.resume == "auto" else Path(cfg.resume)
+    if not (checkpoint / "state.json").is_file():
+        return  # the worker names what is wrong with an explicit resume=PATH
+    changes = check_resume(cfg, checkpoint, run_dir, memmap_paths(cfg, run_dir))
+    state = read_state(checkpoint)
+    if cfg.train.max_steps > 0:
+        target = cfg.train.max_steps
+    else:  # epochs: the step count the run worked out, unless the batch or epochs change it
+        target = None if MAY_CHANGE & set(changes) else state.get("max_steps")
+    if target is None or cfg.resume != "auto":
+        return
+    if state["step"] > target:
+        raise ConfigError(f"the run in {run_dir} is at step {state['step']}, past train.max_steps={target}: give "
+                          f"train.max_steps > {state['step']} to continue it, or another hydra.run.dir for a new run")
+    if state["step"] == target and ((run_dir / "final").is_dir() or not cfg.train.export):
+        raise RunComplete(f"{run_dir} is complete: trained to step {target} ({checkpoint.name}), exported to "
+                          "final/; nothing was changed. A larger train.max_steps continues it; another "
+                          "hydra.run.dir starts a new run")
 
 
 def load_config(run_dir: str | Path) -> DictConfig:
