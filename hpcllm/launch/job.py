@@ -52,15 +52,13 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     continue it with another model or data; say so when it is already complete (RunComplete)."""
     from hpcllm.launch.datasets import memmap_paths
     from hpcllm.train.checkpoint import complete_checkpoints, read_state
-    from hpcllm.train.resume import MAY_CHANGE, check_resume
+    from hpcllm.train.resume import MAY_CHANGE, check_resume, never_over
 
     done = complete_checkpoints(run_dir / "checkpoints")
     if not done or cfg.method.stage == "eval":
         return
     if cfg.resume == "never":
-        raise ConfigError(f"resume=never, but {run_dir} holds checkpoints of an earlier run (latest {done[-1].name}); "
-                          "training from scratch there would mix the two runs: pass another hydra.run.dir for a new "
-                          "run, or resume=auto to continue that one")
+        raise never_over(run_dir, done[-1])
     checkpoint = done[-1] if cfg.resume == "auto" else Path(cfg.resume)
     if not (checkpoint / "state.json").is_file():
         return  # the worker names what is wrong with an explicit resume=PATH

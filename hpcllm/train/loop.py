@@ -144,7 +144,8 @@ class Trainer:
             step_time_s=elapsed,
             memory_gb=peak_memory_gb(),
             consumed_samples=self.state["consumed_samples"] + self.ctx.derived.global_batch_size,
-            epoch=(self.state["consumed_samples"] + self.ctx.derived.global_batch_size) / self.stage.samples_per_epoch(),
+            epoch=(self.state["consumed_samples"] + self.ctx.derived.global_batch_size)
+            / self.stage.samples_per_epoch(),
         )
         return metrics
 
@@ -200,8 +201,7 @@ class Trainer:
         if mode == "never":
             earlier = complete_checkpoints(self.checkpointer.root)
             if earlier:
-                raise ConfigError(f"resume=never, but {run_dir} holds checkpoints of an earlier run ({earlier[-1].name}): "
-                                  "pass another hydra.run.dir for a new run, or resume=auto to continue that one")
+                raise resume_rules.never_over(run_dir, earlier[-1])
             return
         path = self.checkpointer.latest_sound() if mode == "auto" else Path(mode)
         if path is None:
@@ -210,9 +210,9 @@ class Trainer:
             raise ConfigError(f"resume={path} is not a complete checkpoint (no {COMPLETE} marker): "
                               "give a checkpoints/step_* directory that finished saving, or resume=auto")
         changes = resume_rules.check_resume(self.ctx.cfg, path, run_dir, self.ctx.data)
-        self.state.update(self.checkpointer.load(self.engines, path))
-        self.state.setdefault("consumed_samples", self.state["step"] * self.ctx.derived.global_batch_size)
-        self.state["max_steps"] = self.max_steps
+        loaded = self.checkpointer.load(self.engines, path)
+        loaded.setdefault("consumed_samples", loaded["step"] * self.ctx.derived.global_batch_size)  # older ones
+        self.state.update(loaded, max_steps=self.max_steps)
         if self.ctx.dist.is_main:
             print(f"hpcllm: resumed from {path} at step {self.state['step']}", flush=True)
             resume_rules.log_changes(run_dir, self.state["step"], changes)
@@ -232,8 +232,9 @@ class Trainer:
         """A finished run relaunched: nothing is trained, saved or rewritten (final/ is exported if missing)."""
         step, final = self.state["step"], self.ctx.run_dir / "final"
         if step > self.max_steps:
-            raise ConfigError(f"the run in {self.ctx.run_dir} is at step {step}, past train.max_steps={self.max_steps}: "
-                              f"give train.max_steps > {step} to continue it, or another hydra.run.dir for a new run")
+            raise ConfigError(f"the run in {self.ctx.run_dir} is at step {step}, past train.max_steps="
+                              f"{self.max_steps}: give train.max_steps > {step} to continue it, or another "
+                              "hydra.run.dir for a new run")
         if self.train_cfg.export and not final.is_dir():
             self.stage.export(self.engine, final)
         if self.ctx.dist.is_main:

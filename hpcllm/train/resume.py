@@ -125,6 +125,12 @@ def refuse(checkpoint: Path, refusals: list[str]) -> ConfigError:
         "another hydra.run.dir")
 
 
+def never_over(run_dir: Path, latest: Path) -> ConfigError:
+    return ConfigError(f"resume=never, but {run_dir} holds checkpoints of an earlier run (latest {latest.name}); "
+                       "training from scratch there would mix the two runs: pass another hydra.run.dir for a new "
+                       "run, or resume=auto to continue that one")
+
+
 def log_changes(run_dir: Path, step: int, changes: dict) -> None:
     """Say what a resume changes and append it to config_changes.jsonl (config.yaml shows the new values)."""
     if not changes:

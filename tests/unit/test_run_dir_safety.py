@@ -23,6 +23,14 @@ from hpcllm.train.schedule import lr_scheduler_factory
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def outside_any_launch(monkeypatch):
+    """As a fresh shell: no lock token inherited, no Slurm job (acquire() sets the token; undone after)."""
+    monkeypatch.setenv(run_lock.TOKEN_ENV, "")
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 class FakeEngine:
     """Writes one file per save like a DeepSpeed engine writes its shards; ``fail`` kills the save half-way."""
 
@@ -235,7 +243,6 @@ def test_a_second_launch_into_a_running_run_dir_is_refused_naming_the_holder(tmp
 
 
 def test_lock_holder_details_and_release(tmp_path, monkeypatch):
-    monkeypatch.delenv(run_lock.TOKEN_ENV, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     lock = run_lock.acquire(tmp_path, release_at_exit=False)
     holder = json.loads((tmp_path / "run.lock").read_text())
@@ -247,7 +254,6 @@ def test_lock_holder_details_and_release(tmp_path, monkeypatch):
 
 
 def test_a_requeued_slurm_job_continues_and_another_job_is_refused(tmp_path, monkeypatch):
-    monkeypatch.delenv(run_lock.TOKEN_ENV, raising=False)
     run_lock.hand_to_slurm_job(tmp_path, "777")  # written by the submitter
     monkeypatch.setattr(run_lock, "slurm_job_active", lambda job_id: job_id == "777")
     monkeypatch.setenv("SLURM_JOB_ID", "778")
@@ -256,23 +262,19 @@ def test_a_requeued_slurm_job_continues_and_another_job_is_refused(tmp_path, mon
     monkeypatch.setenv("SLURM_JOB_ID", "777")  # the job itself, started or requeued: the same run
     lock = run_lock.acquire(tmp_path, release_at_exit=False)
     assert lock.owned and json.loads(lock.path.read_text())["pid"] == os.getpid()
-    monkeypatch.delenv(run_lock.TOKEN_ENV)
+    monkeypatch.setenv(run_lock.TOKEN_ENV, "")
     monkeypatch.setattr(run_lock, "slurm_job_active", lambda job_id: False)  # the job ended
     monkeypatch.setenv("SLURM_JOB_ID", "900")
     assert run_lock.acquire(tmp_path, release_at_exit=False).owned
 
 
 def test_a_lock_on_another_host_is_not_taken_over(tmp_path, monkeypatch):
-    monkeypatch.delenv(run_lock.TOKEN_ENV, raising=False)
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     (tmp_path / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y"}))
     with pytest.raises(run_lock.RunDirLocked, match="cannot be checked from here.*delete"):
         run_lock.acquire(tmp_path, release_at_exit=False)
 
 
 def test_a_reused_pid_is_not_the_holder(tmp_path, monkeypatch):
-    monkeypatch.delenv(run_lock.TOKEN_ENV, raising=False)
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                    "pid_start": "1", "token": "z"}))
     assert run_lock.acquire(tmp_path, release_at_exit=False).owned
