@@ -28,6 +28,8 @@ from hpcllm.distributed import all_reduce, barrier
 
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
+# Param-group keys that come from the config (not the optimizer's progress): a resume takes this launch's.
+OPTIMIZER_SETTINGS = ("initial_lr", "weight_decay", "betas", "eps", "bias_correction")
 HASHED_UP_TO = 16 * 2**20  # files up to this size get a sha256 in the manifest (the rest: their size)
 # step_X, and the two names of a same-step save being swapped in: preferred in this order.
 _TAG = re.compile(r"step_(\d{8})(\.next|\.replaced)?")
@@ -235,7 +237,7 @@ def _swap_in(new: Path, final: Path) -> None:
 def optimizer_settings(engine) -> dict:
     """This launch's optimizer hyper-parameters and lr schedule, taken before a checkpoint overwrites them."""
     optimizer, scheduler = getattr(engine, "optimizer", None), getattr(engine, "lr_scheduler", None)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else []
+    groups = [{k: g[k] for k in OPTIMIZER_SETTINGS if k in g} for g in optimizer.param_groups] if optimizer else []
     lambdas = [dict(vars(f)) for f in getattr(scheduler, "lr_lambdas", [])]
     return {"groups": groups, "base_lrs": list(getattr(scheduler, "base_lrs", [])), "lambdas": lambdas}
 
