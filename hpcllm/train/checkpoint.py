@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
         if match and (path / COMPLETE).is_file():
             by_step.setdefault(int(match.group(1)), []).append((_PREFERENCE[match.group(2)], path))
     return [min(found)[1] for _, found in sorted(by_step.items())]
+
+
+def _step(checkpoint: Path) -> int:
+    return int(_TAG.fullmatch(checkpoint.name).group(1))
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -142,6 +147,24 @@ class Checkpointer:
             raise RuntimeError(f"every complete checkpoint under {self.root} is damaged (see above): restore one "
                                "from a backup, or start a new run in another hydra.run.dir")
         return None
+
+    def set_aside_newer(self, start: Path) -> list[Path]:
+        """Resuming this run from an earlier checkpoint (resume=PATH): the newer ones belong to the
+        continuation being abandoned. They are moved aside, kept but never resumed from or pruned with
+        this run's; returns where they went."""
+        same_run = Path(start).resolve().parent == self.root.resolve() and _TAG.fullmatch(Path(start).name)
+        if not same_run:
+            return []
+        newer = [p for p in complete_checkpoints(self.root) if _step(p) > _step(Path(start))]
+        aside = self.root / f"superseded_after_{_tag(_step(Path(start)))}_{time.strftime('%Y%m%d-%H%M%S')}"
+        if newer and self.rank == 0:
+            aside.mkdir()
+            for path in newer:
+                path.rename(aside / path.name)
+            print(f"hpcllm: resuming from the earlier {Path(start).name}: the newer {', '.join(p.name for p in newer)} "
+                  f"moved aside to {aside} (kept, not part of this run any more)", flush=True)
+        barrier()
+        return [aside / p.name for p in newer]
 
     def _check_disk(self, expected_bytes: int) -> None:
         """Every rank stops with the same clear error rather than half-write a checkpoint."""

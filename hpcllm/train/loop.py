@@ -210,6 +210,8 @@ class Trainer:
             raise ConfigError(f"resume={path} is not a complete checkpoint (no {COMPLETE} marker): "
                               "give a checkpoints/step_* directory that finished saving, or resume=auto")
         changes = resume_rules.check_resume(self.ctx.cfg, path, run_dir, self.ctx.data)
+        if mode != "auto":
+            self.checkpointer.set_aside_newer(path)
         loaded = self.checkpointer.load(self.engines, path)
         loaded.setdefault("consumed_samples", loaded["step"] * self.ctx.derived.global_batch_size)  # older ones
         self.state.update(loaded, max_steps=self.max_steps)

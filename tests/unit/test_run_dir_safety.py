@@ -75,6 +75,18 @@ def test_an_interrupted_swap_still_leaves_a_complete_checkpoint(tmp_path):
     assert (tmp_path / "step_00000008" / COMPLETE).is_file()
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    """resume=checkpoints/step_4 while step_8 exists: a later resume=auto must not take step_8 of the
+    abandoned continuation, nor may pruning mix the two."""
+    earlier, newer = save(tmp_path, 4), save(tmp_path, 8)
+    moved = Checkpointer(tmp_path, 0, 2, True, 0).set_aside_newer(earlier)
+    assert complete_checkpoints(tmp_path) == [earlier]
+    assert [p.name for p in moved] == [newer.name] and (moved[0] / COMPLETE).is_file()
+    assert "moved aside" in capsys.readouterr().out
+    assert Checkpointer(tmp_path, 0, 2, True, 0).set_aside_newer(tmp_path / "elsewhere" / "step_00000001") == []
+    assert Checkpointer(tmp_path, 0, 2, True, 0).set_aside_newer(tmp_path / "exported_by_hand") == []
+
+
 # -- item 12: sizes and checksums recorded at save, checked on resume, fallback saying so ------
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
