@@ -78,6 +78,19 @@ def holder_alive(holder: dict) -> bool | None:
     return None
 
 
+def _restarts() -> str:
+    return os.environ.get("SLURM_RESTART_COUNT", "0")
+
+
+def _earlier_in_this_job(holder: dict) -> bool:
+    """A lock of this process's own Slurm job left by its submitter or by an earlier run of the job
+    (before a requeue); not one of a second launch inside the same allocation that is still running."""
+    if holder.get("pid") is None or holder.get("slurm_restart", "0") != _restarts():
+        return True
+    return holder.get("host") == socket.gethostname() and not _process_alive(int(holder["pid"]),
+                                                                             holder.get("pid_start"))
+
+
 def describe(holder: dict) -> str:
     parts = [f"host {holder.get('host', '?')}", f"pid {holder.get('pid') or '-'}"]
     if holder.get("slurm_job_id"):
@@ -89,7 +102,7 @@ def describe(holder: dict) -> str:
 
 def _me(job_id: str | None) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-            "slurm_job_id": job_id, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex}
+            "slurm_job_id": job_id, "slurm_restart": _restarts(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "token": uuid.uuid4().hex}
 
 
 def _read(path: Path) -> dict | None:
@@ -148,8 +161,8 @@ def acquire(run_dir: Path, release_at_exit: bool = True) -> RunLock:
             continue  # another launch created it this instant: look at who
         if holder and os.environ.get(TOKEN_ENV) and holder.get("token") == os.environ[TOKEN_ENV]:
             return RunLock(path, holder["token"], owned=False)
-        if holder and job_id and holder.get("slurm_job_id") == job_id:
-            me = _me(job_id)  # the same Slurm job, requeued or started after submission: it continues
+        if holder and job_id and holder.get("slurm_job_id") == job_id and _earlier_in_this_job(holder):
+            me = _me(job_id)  # this Slurm job, requeued or started after its submission: the run continues
             _write(path, me)
             return _held(path, me, release_at_exit)
         alive = holder_alive(holder) if holder else False

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def outside_any_launch(monkeypatch):
     """As a fresh shell: no lock token inherited, no Slurm job (acquire() sets the token; undone after)."""
     monkeypatch.setenv(run_lock.TOKEN_ENV, "")
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -278,6 +278,25 @@ def test_a_requeued_slurm_job_continues_and_another_job_is_refused(tmp_path, mon
     monkeypatch.setattr(run_lock, "slurm_job_active", lambda job_id: False)  # the job ended
     monkeypatch.setenv("SLURM_JOB_ID", "900")
     assert run_lock.acquire(tmp_path, release_at_exit=False).owned
+
+
+def test_a_second_launch_inside_the_same_slurm_allocation_is_refused(tmp_path, monkeypatch):
+    """salloc: both launches see the same SLURM_JOB_ID, yet only a requeued job (restart count up) or
+    the submitted job taking over its submitter's lock continues."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        monkeypatch.setattr(run_lock, "slurm_job_active", lambda job_id: True)
+        monkeypatch.setenv("SLURM_JOB_ID", "55")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+        (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                       "slurm_job_id": "55", "slurm_restart": "0", "token": "w"}))
+        with pytest.raises(run_lock.RunDirLocked, match=f"pid {holder.pid}, Slurm job 55"):
+            run_lock.acquire(tmp_path, release_at_exit=False)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job was requeued: that run has ended
+        assert run_lock.acquire(tmp_path, release_at_exit=False).owned
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_lock_on_another_host_is_not_taken_over(tmp_path, monkeypatch):
