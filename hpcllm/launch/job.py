@@ -55,7 +55,13 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     from hpcllm.train.resume import MAY_CHANGE, check_resume, never_over
 
     done = complete_checkpoints(run_dir / "checkpoints")
-    if not done or cfg.method.stage == "eval":
+    if cfg.method.stage == "eval":
+        return
+    if not done and (run_dir / "final").is_dir():
+        raise ConfigError(f"{run_dir} holds the final/ export of an earlier run but no complete checkpoint to continue "
+                          f"from, so training there would overwrite it: pass another hydra.run.dir, or move "
+                          f"{run_dir / 'final'} away first")
+    if not done:
         return
     if cfg.resume == "never":
         raise never_over(run_dir, done[-1])

@@ -10,6 +10,7 @@ resume and removed later. A complete checkpoint is never deleted before a newer 
 saving a step that already has one writes ``step_X.next`` and swaps it in (an interrupted swap
 leaves ``step_X.replaced`` or ``step_X.next`` complete, which count in its place). On resume the
 manifest is checked; a damaged checkpoint is skipped for the previous complete one, saying so.
+Resuming from an earlier checkpoint (resume=PATH) moves the newer ones aside, so runs never mix.
 """
 from __future__ import annotations
 
@@ -89,8 +90,12 @@ def damage(checkpoint: Path) -> list[str]:
     manifest = Path(checkpoint) / MANIFEST
     if not manifest.is_file():
         return []  # written before manifests existed: nothing to check against
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError):
+        return [f"{MANIFEST} is unreadable"]
     problems = []
-    for name, expected in json.loads(manifest.read_text())["files"].items():
+    for name, expected in files.items():
         path = Path(checkpoint) / name
         if not path.is_file():
             problems.append(f"{name} is missing")

@@ -5,6 +5,7 @@ Real files in tmp_path; the DeepSpeed engine is a stand-in that writes its shard
 engine is exercised in tests/e2e/test_train.py), the optimizer and schedule are real torch ones."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -203,6 +204,16 @@ def test_relaunching_a_finished_run_leaves_it_untouched(finished_run):
     assert not (run_dir / "run.lock").exists()  # released at exit
     more = launch(run_dir, f"data.train={memmap}", "train.max_steps=20", "dry_run=true")
     assert more.returncode == 0 and "train:\n  max_steps: 20" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_over(finished_run):
+    """Checkpoints deleted to save disk: the next launch would start at step 1 and overwrite final/."""
+    run_dir, memmap = finished_run
+    shutil.rmtree(run_dir / "checkpoints")
+    before = snapshot(run_dir)
+    out = launch(run_dir, f"data.train={memmap}", "dry_run=true")
+    assert out.returncode != 0 and "holds the final/ export of an earlier run" in out.stderr
+    assert snapshot(run_dir) == before
 
 
 def test_resume_never_into_an_earlier_runs_directory_is_refused(finished_run):
