@@ -50,13 +50,13 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Before anything in a run directory changes: refuse to mix an earlier run into a new one or to
     continue it with another model or data; say so when it is already complete (RunComplete)."""
+    if cfg.method.stage == "eval" or not ((run_dir / "checkpoints").is_dir() or (run_dir / "final").is_dir()):
+        return  # a new run directory (the checks below import torch)
     from hpcllm.launch.datasets import memmap_paths
-    from hpcllm.train.checkpoint import complete_checkpoints, read_state
-    from hpcllm.train.resume import MAY_CHANGE, check_resume, never_over
+    from hpcllm.train.checkpoint import complete_checkpoints
+    from hpcllm.train.resume import check_resume, never_over
 
     done = complete_checkpoints(run_dir / "checkpoints")
-    if cfg.method.stage == "eval":
-        return
     if not done and (run_dir / "final").is_dir():
         raise ConfigError(f"{run_dir} holds the final/ export of an earlier run but no complete checkpoint to continue "
                           f"from, so training there would overwrite it: pass another hydra.run.dir, or move "
@@ -69,12 +69,21 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     if not (checkpoint / "state.json").is_file():
         return  # the worker names what is wrong with an explicit resume=PATH
     changes = check_resume(cfg, checkpoint, run_dir, memmap_paths(cfg, run_dir))
+    if cfg.resume == "auto":
+        _say_if_complete(cfg, run_dir, checkpoint, changes)
+
+
+def _say_if_complete(cfg: DictConfig, run_dir: Path, checkpoint: Path, changes: dict) -> None:
+    """RunComplete when the newest checkpoint is at the run's last step and final/ is there."""
+    from hpcllm.train.checkpoint import read_state
+    from hpcllm.train.resume import MAY_CHANGE
+
     state = read_state(checkpoint)
     if cfg.train.max_steps > 0:
         target = cfg.train.max_steps
     else:  # epochs: the step count the run worked out, unless the batch or epochs change it
         target = None if MAY_CHANGE & set(changes) else state.get("max_steps")
-    if target is None or cfg.resume != "auto":
+    if target is None:
         return
     if state["step"] > target:
         raise ConfigError(f"the run in {run_dir} is at step {state['step']}, past train.max_steps={target}: give "
