@@ -320,3 +320,18 @@ def test_a_reused_pid_is_not_the_holder(tmp_path, monkeypatch):
     (tmp_path / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                    "pid_start": "1", "token": "z"}))
     assert run_lock.acquire(tmp_path, release_at_exit=False).owned
+
+
+def test_a_rank_started_directly_takes_the_lock_or_stops(tmp_path, monkeypatch):
+    """torchrun/srun without launch.py: rank 0 takes the lock itself; a held one stops every rank."""
+    from hpcllm.distributed import DistEnv
+    from hpcllm.launch.worker import _run_lock
+
+    rank0 = DistEnv(0, 0, 1, "127.0.0.1", 29500)
+    lock = _run_lock(tmp_path, rank0)
+    assert lock.owned and json.loads(lock.path.read_text())["pid"] == os.getpid()
+    monkeypatch.setenv(run_lock.TOKEN_ENV, "")  # a second, unrelated start while this one runs
+    with pytest.raises(run_lock.RunDirLocked, match=f"pid {os.getpid()}"):
+        _run_lock(tmp_path, rank0)
+    lock.release()
+    assert not lock.path.exists()
