@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 import hpcllm.config  # noqa: F401  (registers the schemas and resolvers)
 from hpcllm.config import ConfigError
 from hpcllm.launch import backends
-from hpcllm.launch.job import prepare
+from hpcllm.launch.job import RunComplete, prepare
 from hpcllm.launch.pipeline import prepare_stages
 from hpcllm.plan import choose_layout
 
@@ -27,6 +27,9 @@ def main(cfg: DictConfig) -> None:
         refusals = backends.plan_all([stage.job for stage in stages] or [job])
     except ConfigError as err:
         sys.exit(f"hpcllm: {err}")
+    except RunComplete as done:
+        print(f"hpcllm: {done}")
+        return
     if refusals and not cfg.dry_run:
         sys.exit(f"hpcllm: {refusals[0]}")
     for refusal in refusals:

@@ -10,8 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 from hpcllm.config import PROJECT_ROOT, ConfigError, Derived, JobConfig, derive
 from hpcllm.config.recipes import bundled_demo_data
 from hpcllm.config.schema import FROM_PRESET_MODEL_TYPES
+from hpcllm.launch.lock import acquire
 from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
+
+
+class RunComplete(Exception):
+    """The run directory holds a finished run of this config: nothing to do, nothing touched."""
 
 
 @dataclass
@@ -35,6 +40,8 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     derived = derive(cfg)
     _refuse_at_launch(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    acquire(run_dir)  # held until this process exits; its ranks share it
+    check_run_dir(cfg, run_dir)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     for name, ds_config in render_ds_configs(cfg, derived).items():
         write_text_atomic(run_dir / name, json.dumps(ds_config, indent=2) + "\n")
@@ -68,6 +75,53 @@ def _refuse_at_launch(cfg: DictConfig) -> None:
         if not cfg.dry_run:
             raise ConfigError(message)
         print(f"[dry run] would be refused: {message}")
+
+
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Before anything in a run directory changes: refuse to mix an earlier run into a new one or to
+    continue it with another model or data; say so when it is already complete (RunComplete)."""
+    if cfg.method.stage == "eval" or not ((run_dir / "checkpoints").is_dir() or (run_dir / "final").is_dir()):
+        return  # a new run directory (the checks below import torch)
+    from hpcllm.launch.datasets import memmap_paths
+    from hpcllm.train.checkpoint import complete_checkpoints
+    from hpcllm.train.resume import check_resume, never_over
+
+    done = complete_checkpoints(run_dir / "checkpoints")
+    if not done and (run_dir / "final").is_dir():
+        raise ConfigError(f"{run_dir} holds the final/ export of an earlier run but no complete checkpoint to continue "
+                          f"from, so training there would overwrite it: pass another hydra.run.dir, or move "
+                          f"{run_dir / 'final'} away first")
+    if not done:
+        return
+    if cfg.resume == "never":
+        raise never_over(run_dir, done[-1])
+    checkpoint = done[-1] if cfg.resume == "auto" else Path(cfg.resume)
+    if not (checkpoint / "state.json").is_file():
+        return  # the worker names what is wrong with an explicit resume=PATH
+    changes = check_resume(cfg, checkpoint, run_dir, memmap_paths(cfg, run_dir))
+    if cfg.resume == "auto":
+        _say_if_complete(cfg, run_dir, checkpoint, changes)
+
+
+def _say_if_complete(cfg: DictConfig, run_dir: Path, checkpoint: Path, changes: dict) -> None:
+    """RunComplete when the newest checkpoint is at the run's last step and final/ is there."""
+    from hpcllm.train.checkpoint import read_state
+    from hpcllm.train.resume import MAY_CHANGE
+
+    state = read_state(checkpoint)
+    if cfg.train.max_steps > 0:
+        target = cfg.train.max_steps
+    else:  # epochs: the step count the run worked out, unless the batch or epochs change it
+        target = None if MAY_CHANGE & set(changes) else state.get("max_steps")
+    if target is None:
+        return
+    if state["step"] > target:
+        raise ConfigError(f"the run in {run_dir} is at step {state['step']}, past train.max_steps={target}: give "
+                          f"train.max_steps > {state['step']} to continue it, or another hydra.run.dir for a new run")
+    if state["step"] == target and ((run_dir / "final").is_dir() or not cfg.train.export):
+        raise RunComplete(f"{run_dir} is complete: trained to step {target} ({checkpoint.name}), exported to "
+                          "final/; nothing was changed. A larger train.max_steps continues it; another "
+                          "hydra.run.dir starts a new run")
 
 
 def load_config(run_dir: str | Path) -> DictConfig:

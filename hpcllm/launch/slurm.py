@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from hpcllm.launch.job import PreparedJob, write_text_atomic
+from hpcllm.launch.lock import hand_to_slurm_job
 from hpcllm.render.slurm import render_sbatch, slurm_parameters, submitit_folder
 
 JOBS_DB = Path(os.environ.get("HPCLLM_JOBS_DB", Path.home() / ".cache" / "hpcllm" / "jobs.jsonl"))
@@ -135,7 +136,8 @@ def _submit_array(jobs: list[PreparedJob], folder: Path) -> list[submitit.Job]:
 
 
 def _record(job_id: str, run_dir: Path, cfg: DictConfig) -> None:
-    """Remember which run directory a job id trains into (for tools/jobs.py)."""
+    """Remember which run directory a job id trains into (for tools/jobs.py); the job now holds its lock."""
+    hand_to_slurm_job(run_dir, job_id)
     JOBS_DB.parent.mkdir(parents=True, exist_ok=True)
     entry = {"job_id": job_id, "run_dir": str(run_dir), "name": cfg.cluster.job_name,
              "stage": f"{cfg.method.name}/{cfg.model.name}", "submitted": time.time()}

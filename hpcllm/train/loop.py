@@ -3,6 +3,7 @@ DeepSpeed, accumulation, schedule, clipping, precision, eval, metrics, checkpoin
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -15,7 +16,8 @@ from hpcllm.config import ConfigError
 from hpcllm.distributed import all_reduce
 from hpcllm.models.adapters import parameter_counts
 from hpcllm.stages.base import Stage, StageContext
-from hpcllm.train.checkpoint import COMPLETE, Checkpointer
+from hpcllm.train import resume as resume_rules
+from hpcllm.train.checkpoint import COMPLETE, Checkpointer, complete_checkpoints
 from hpcllm.train.engines import training_engine
 from hpcllm.plan.formulas import arch_of, flops_per_token
 from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
@@ -39,10 +41,11 @@ class Trainer:
         self.engines = {"model": self.engine, **self.extra_engines}
         stage.bind(self.engine, self.extra_engines)
         self.checkpointer = Checkpointer(ctx.run_dir / "checkpoints", ctx.dist.rank, cfg.train.keep_last,
-                                         cfg.train.keep_best, cfg.train.min_free_disk_gb)
+                                         cfg.train.keep_best, cfg.train.min_free_disk_gb, self._records())
         self.metrics = MetricsLogger(cfg, ctx.run_dir, ctx.dist.is_main)
         self.stop = StopFlag()
-        self.state = {"step": 0, "eval_loss": None, "best_eval_loss": None, "best_checkpoint": None}
+        self.state = {"step": 0, "eval_loss": None, "best_eval_loss": None, "best_checkpoint": None,
+                      "consumed_samples": 0, "max_steps": self.max_steps}
         counts = [parameter_counts(engine.module) for engine in self.engines.values()]
         self.trainable_params, self.total_params = (sum(c) for c in zip(*counts))
         # Model FLOPs (6N + 12LHS, active experts only) from the architecture numbers, as the estimate uses.
@@ -79,7 +82,9 @@ class Trainer:
     def train(self) -> str:
         """Train to max_steps; returns "completed", or "stopped" after checkpointing on a stop signal."""
         self.resume()
-        batches = self.stage.train_batches(self.state["step"] * self.accum)
+        if self.state["step"] >= self.max_steps:
+            return self._already_complete()
+        batches = self.stage.train_batches(self._first_micro_step())
         interactive = self.ctx.dist.is_main and sys.stdout.isatty()
         progress = tqdm(total=self.max_steps, initial=self.state["step"], unit="step", disable=not interactive)
         while self.state["step"] < self.max_steps:
@@ -90,6 +95,7 @@ class Trainer:
                 return "stopped"
             metrics = self.train_step(batches)
             self.state["step"] += 1
+            self.state["consumed_samples"] += self.ctx.derived.global_batch_size
             progress.update()
             step = self.state["step"]
             if step % self.train_cfg.log_every == 0 or step == self.max_steps:
@@ -137,8 +143,9 @@ class Trainer:
             mfu=tokens_per_sec * self.flops_per_token / self.peak_flops,
             step_time_s=elapsed,
             memory_gb=peak_memory_gb(),
-            consumed_samples=(self.state["step"] + 1) * self.ctx.derived.global_batch_size,
-            epoch=(self.state["step"] + 1) * self.ctx.derived.global_batch_size / self.stage.samples_per_epoch(),
+            consumed_samples=self.state["consumed_samples"] + self.ctx.derived.global_batch_size,
+            epoch=(self.state["consumed_samples"] + self.ctx.derived.global_batch_size)
+            / self.stage.samples_per_epoch(),
         )
         return metrics
 
@@ -183,16 +190,57 @@ class Trainer:
         expected = self.total_params * 4 + self.trainable_params * 12  # weights + fp32 master and Adam moments
         return self.checkpointer.save(self.engines, dict(state), expected)
 
+    def _records(self) -> dict:
+        """What every checkpoint records of the run: the config it trains with and the data it reads."""
+        config = self.ctx.run_dir / "config.yaml"
+        return {resume_rules.CONFIG_RECORD: config.read_text() if config.is_file() else "",
+                resume_rules.DATA_RECORD: json.dumps(resume_rules.data_record(self.ctx.data), indent=2) + "\n"}
+
     def resume(self) -> None:
-        mode = self.ctx.cfg.resume
+        mode, run_dir = self.ctx.cfg.resume, self.ctx.run_dir
         if mode == "never":
+            earlier = complete_checkpoints(self.checkpointer.root)
+            if earlier:
+                raise resume_rules.never_over(run_dir, earlier[-1])
             return
-        path = self.checkpointer.latest() if mode == "auto" else Path(mode)
+        path = self.checkpointer.latest_sound() if mode == "auto" else Path(mode)
         if path is None:
             return
         if not (path / COMPLETE).is_file():
             raise ConfigError(f"resume={path} is not a complete checkpoint (no {COMPLETE} marker): "
                               "give a checkpoints/step_* directory that finished saving, or resume=auto")
-        self.state.update(self.checkpointer.load(self.engines, path))
+        changes = resume_rules.check_resume(self.ctx.cfg, path, run_dir, self.ctx.data)
+        if mode != "auto":
+            self.checkpointer.set_aside_newer(path)
+        loaded = self.checkpointer.load(self.engines, path)
+        loaded.setdefault("consumed_samples", loaded["step"] * self.ctx.derived.global_batch_size)  # older ones
+        self.state.update(loaded, max_steps=self.max_steps)
         if self.ctx.dist.is_main:
             print(f"hpcllm: resumed from {path} at step {self.state['step']}", flush=True)
+            resume_rules.log_changes(run_dir, self.state["step"], changes)
+
+    def _first_micro_step(self) -> int:
+        """Where the data continues: the samples consumed so far, in micro steps of this launch's batch
+        (after a batch size change, rounded up: a few samples skipped rather than trained twice)."""
+        rows = self.ctx.cfg.method.micro_batch_size * self.ctx.derived.data_parallel_size
+        micro_step = math.ceil(self.state["consumed_samples"] / rows)
+        if micro_step * rows != self.state["consumed_samples"] and self.ctx.dist.is_main:
+            print(f"hpcllm: the new batch size continues at sample {micro_step * rows} (skipping "
+                  f"{micro_step * rows - self.state['consumed_samples']} to align, none trained twice)", flush=True)
+        self.state["consumed_samples"] = micro_step * rows
+        return micro_step
+
+    def _already_complete(self) -> str:
+        """A finished run relaunched: nothing is trained, saved or rewritten (final/ is exported if missing)."""
+        step, final = self.state["step"], self.ctx.run_dir / "final"
+        if step > self.max_steps:
+            raise ConfigError(f"the run in {self.ctx.run_dir} is at step {step}, past train.max_steps="
+                              f"{self.max_steps}: give train.max_steps > {step} to continue it, or another "
+                              "hydra.run.dir for a new run")
+        if self.train_cfg.export and not final.is_dir():
+            self.stage.export(self.engine, final)
+        if self.ctx.dist.is_main:
+            print(f"hpcllm: {self.ctx.run_dir} is complete (step {step} of {self.max_steps}); nothing to train "
+                  "(a larger train.max_steps continues it)", flush=True)
+        self.metrics.close()
+        return "completed"

@@ -271,3 +271,40 @@ def test_the_same_run_directory_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["step"] for m in train_records(tmp_path)] == [1, 2, 3]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_a_finished_run_is_left_alone_and_a_damaged_checkpoint_is_skipped(runs, tmp_path):
+    """Issue 13, items 2, 4 and 12 on a real run: a relaunch of the finished SFT run changes nothing; with
+    its newest checkpoint damaged, a longer run with another lr and micro batch falls back to the previous
+    one, keeps the data position in samples and trains with the new schedule."""
+    import json
+
+    from hpcllm.train.schedule import WarmupDecay
+
+    run_dir = tmp_path / "sft"
+    shutil.copytree(runs("sft", *SFT), run_dir)
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+    out = launch(run_dir, *SFT).stdout
+    assert f"{run_dir} is complete: trained to step {STEPS}" in out
+    assert all(p.read_bytes() == data for p, data in files.items()) and not (run_dir / "run.lock").exists()
+
+    latest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    shard = latest / "mp_rank_00_model_states.pt"
+    shard.write_bytes(b"not a pickle" + shard.read_bytes()[12:])
+    previous = max(p for p in (run_dir / "checkpoints").glob("step_*") if p != latest)
+    resumed_at = int(previous.name.split("_")[1])
+    longer = [o for o in SFT if not o.startswith("train.max_steps")] + [f"train.max_steps={STEPS + 4}"]
+    out = launch(run_dir, *longer, "method.lr=5e-4", "method.micro_batch_size=1").stdout
+    assert f"checkpoint {latest} is damaged" in out and f"resumed from {previous} at step {resumed_at}" in out
+    assert "method.lr 0.001 -> 0.0005" in out
+    after = [m for m in train_records(run_dir) if m["step"] > resumed_at][-(STEPS + 4 - resumed_at):]
+    assert [m["step"] for m in after] == list(range(resumed_at + 1, STEPS + 5))
+    # 4 samples a step before (micro 2 x 2 ranks), 2 after: the position continues, nothing trained twice.
+    assert [m["consumed_samples"] for m in after] == [resumed_at * 4 + 2 * i for i in range(1, len(after) + 1)]
+    schedule = WarmupDecay(2, STEPS + 4, "cosine", 0.1)  # the new lr and length, at the resumed step
+    expected = [5e-4 * schedule(m["step"]) for m in after]
+    assert [m["lr"] for m in after] == pytest.approx(expected, rel=1e-2)  # metrics.jsonl keeps 3 digits
+    assert (latest / "COMPLETE").is_file() and not any(p.name.endswith((".next", ".replaced"))
+                                                       for p in (run_dir / "checkpoints").iterdir())
+    assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "config_changes.jsonl").read_text())["resumed_at_step"] == resumed_at
