@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
         print(f"hpcllm: {done}")
         return
     if refusals and not cfg.dry_run:
-        sys.exit(f"hpcllm: {refusals[0]}")
+        sys.exit("\n".join(f"hpcllm: {refusal}" for refusal in refusals))
     for refusal in refusals:
         print(f"[dry run] would be refused: {refusal}")  # a dry run still shows everything it rendered
     if cfg.dry_run:

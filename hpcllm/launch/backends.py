@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from hpcllm.config import ConfigError
 from hpcllm.config.profiles import describe_extra_models
 from hpcllm.launch.datasets import memmap_paths
-from hpcllm.launch.job import PreparedJob
+from hpcllm.launch.job import PreparedJob, launch_refusals
 from hpcllm.launch.pipeline import StageJob, describe, run_in_order
 
 
@@ -50,10 +50,12 @@ def plan_all(jobs: list[PreparedJob]) -> list[str]:
 
     refusals = []
     for job in jobs:
+        where = "" if len(jobs) == 1 else f"{job.run_dir.name}: "
         try:
             plan(job)
         except planner.PreflightRefused as refused:
-            refusals.append(f"{refused}" if len(jobs) == 1 else f"{job.run_dir.name}: {refused}")
+            refusals.append(f"{where}{refused}")
+        refusals += [f"{where}{refusal}" for refusal in launch_refusals(job.cfg)]
     return refusals
 
 
@@ -84,6 +86,9 @@ def _show_one(job: PreparedJob) -> None:
 
 
 def run(job: PreparedJob, stages: list[StageJob] = ()) -> int:
+    refusals = [refusal for one in [stage.job for stage in stages] or [job] for refusal in launch_refusals(one.cfg)]
+    if refusals:
+        raise ConfigError("; ".join(refusals))
     if job.cfg.cluster.name == "local":
         return run_in_order(stages, run_here) if stages else run_here(job)
     from hpcllm.launch.slurm import submit

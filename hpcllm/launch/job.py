@@ -38,7 +38,6 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
-    _refuse_at_launch(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire(run_dir)  # held until this process exits; its ranks share it
     check_run_dir(cfg, run_dir)
@@ -50,7 +49,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     return PreparedJob(cfg, derived, run_dir, params)
 
 
-def _launch_refusals(cfg: DictConfig) -> list[str]:
+def launch_refusals(cfg: DictConfig) -> list[str]:
     """What stops a real run but not a dry run (which plans a model without its weights or data)."""
     refusals = []
     demo = bundled_demo_data(cfg, PROJECT_ROOT)
@@ -68,13 +67,6 @@ def _launch_refusals(cfg: DictConfig) -> list[str]:
                             "is planned by the pre-flight but cannot train yet: set it to 1 and use zero=stage3 "
                             "(or stage3_offload) to split a model that does not fit one GPU")
     return refusals
-
-
-def _refuse_at_launch(cfg: DictConfig) -> None:
-    for message in _launch_refusals(cfg):
-        if not cfg.dry_run:
-            raise ConfigError(message)
-        print(f"[dry run] would be refused: {message}")
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> None:

@@ -1,5 +1,6 @@
 """Recipes: every model x method composes to published hyper-parameters with a source for each value;
 tiny models keep the demo values; a value the user sets always wins."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from omegaconf import OmegaConf
 
 from hpcllm.config import ConfigError, compose, derive
 from hpcllm.config.recipes import method_kind
-from hpcllm.launch.job import prepare
+from hpcllm.launch.job import launch_refusals
 from hpcllm.train.schedule import warmup_steps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,12 +95,15 @@ def test_a_users_own_method_gets_the_recipe_of_what_it_is():
 
 
 def test_a_real_model_refuses_the_bundled_demo_data(tmp_path):
-    cfg = compose(["model=llama2_7b", "hw=a100x8"])
-    with pytest.raises(ConfigError, match=r"data.train=.*demo.*set data.train=YOUR_DATA.*allow_demo_data=true"):
-        prepare(cfg, tmp_path / "run")
-    assert not (tmp_path / "run").exists()  # refused before anything is written
-    prepare(compose(["model=llama2_7b", "hw=a100x8", "data.allow_demo_data=true"]), tmp_path / "asked")
-    prepare(compose(["model=llama2_7b", "hw=a100x8", f"data.train={tmp_path}/mine.jsonl"]), tmp_path / "own")
+    cfg, _ = _job("model=llama2_7b")
+    assert any(re.search(r"data.train=.*demo.*set data.train=YOUR_DATA.*allow_demo_data=true", refusal)
+               for refusal in launch_refusals(cfg))
+    assert launch_refusals(_job("model=llama2_7b", "data.allow_demo_data=true")[0]) == []
+    assert launch_refusals(_job("model=llama2_7b", f"data.train={tmp_path}/mine.jsonl")[0]) == []
+    proc = subprocess.run([sys.executable, "launch.py", "model=llama2_7b", "hw=cpu", "preflight=off",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "would train on the bundled demo data" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "data").exists()
 
 
 def test_headline_dry_run_shows_the_recipe(tmp_path):

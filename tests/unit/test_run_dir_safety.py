@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hpcllm.config import compose
+from hpcllm.config.recipes import apply_recipe
 from hpcllm.launch import lock as run_lock
 from hpcllm.train import resume as rules
 from hpcllm.train.checkpoint import (COMPLETE, Checkpointer, apply_optimizer_settings, complete_checkpoints, damage,
@@ -142,6 +143,8 @@ def test_config_changes_are_sorted_into_refused_and_applied():
     new = compose(["method=sft", "method.lr=3e-4", "method.micro_batch_size=4", "train.max_steps=50",
                    "train.log_every=5", "model=tiny_qwen2", "data.train=/other.jsonl", "method.seq_len=64",
                    "hw.nodes=2", "zero=stage3"])
+    for cfg in (old, new):  # as every run directory's config.yaml: the recipe's values filled in
+        apply_recipe(cfg, 2)
     refusals, changes = rules.compare_configs(old, new)
     refused = {line.split(":")[0] for line in refusals}
     assert {"model.name", "data.train", "method.seq_len", "hw.nodes", "zero.stage"} <= refused
