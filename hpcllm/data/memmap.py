@@ -23,13 +23,14 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
 from hpcllm.data.encode import IGNORE, KEYS, KINDS, MODES, ChunkResult, Encoder, kind_of
-from hpcllm.data.files import file_digest, find_inputs, read_lines
+from hpcllm.data.files import DataError, file_digest, find_inputs, read_lines
 from hpcllm.data.prompts import get_format
 from hpcllm.data.records import RecordError, parse_line
 from hpcllm.data.tokenizer import load_tokenizer, tokenizer_hash
@@ -42,10 +43,6 @@ CHUNK_RECORDS = 2048
 SHARD_BYTES = 32 << 20  # rows of one shard are held in memory once, when it is shuffled
 MAX_SHARDS = 1000  # open files; corpora beyond ~5 GB of text get proportionally larger shards
 CONF_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf", "model")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
 
 
 def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
@@ -82,10 +79,9 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
     _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction)
     output = os.path.abspath(output)
     outputs = {"train": output, "eval": output + "_eval"} if eval_fraction > 0 else {"train": output}
-    for path in outputs.values():
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} already exists: pass overwrite=true to replace it")
     files = find_inputs(input)
+    for path in outputs.values():
+        check_output(path, [p for p in input.split(",") if p] + files, overwrite)
     preset = load_model_preset(model_preset)
     tokenizer = load_tokenizer(tokenizer_spec or preset["tokenizer"])
     if kind == "auto":
@@ -102,6 +98,7 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
 
     os.makedirs(os.path.dirname(output), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + ".tmp-", dir=os.path.dirname(output))
+    previous_sigterm = _sigterm_as_interrupt()
     try:
         shards = _Shards(tmp, num_shards, len(keys) * seq_len, seed)
         stats = _generate(files, encoder, encoder_args, num_workers, on_error, shards, kind, used_mode, seq_len, progress)
@@ -126,8 +123,57 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
             _move_into_place(os.path.join(tmp, split), path, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     _summary(metas["train"], stats)
     return metas["train"]
+
+
+def is_memmap_output(path: str) -> bool:
+    """A directory this module wrote: it holds a meta.json with our format fields."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and {"format_version", "files", "tokenizer"} <= set(meta)
+
+
+def check_output(output: str, inputs: List[str], overwrite: bool):
+    """Refuse an output that would destroy or feed back into data: overwrite only ever replaces
+    an earlier memmap output, never an input, a file or a directory of something else."""
+    out = os.path.realpath(output)
+    for spec in inputs:
+        inp = os.path.realpath(spec)
+        if out == inp or inp.startswith(out + os.sep) or out.startswith(inp + os.sep):
+            relation = "is" if out == inp else "contains" if inp.startswith(out + os.sep) else "lies inside"
+            raise FileExistsError(f"output={output} {relation} the input {spec}: writing there would destroy "
+                                  "or feed back into the input; choose an output outside the inputs")
+    if not os.path.lexists(output):
+        return
+    if not os.path.isdir(output) or os.path.islink(output):
+        raise FileExistsError(f"output={output} is an existing file, not a memmap directory: choose another output "
+                              "(overwrite=true only replaces an earlier memmap_gen output)")
+    if not os.listdir(output):
+        return  # an empty directory made ready for the output: nothing to lose
+    if not is_memmap_output(output):
+        raise FileExistsError(f"output={output} is a directory that is not a memmap_gen output (no meta.json): "
+                              "choose another output, or move it away yourself (overwrite=true only replaces "
+                              "an earlier memmap_gen output)")
+    if not overwrite:
+        raise FileExistsError(f"{output} already exists (an earlier memmap_gen output): pass overwrite=true to replace it")
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``, Slurm's end of job) unwinds like Ctrl-C, so that the temporary output
+    is removed. Only where nobody else handles SIGTERM; returns the handler to restore, or None."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"memmap_gen stopped by signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction):
@@ -169,6 +215,7 @@ def _worker_init(encoder_args):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Ctrl-C is the parent's to handle: it stops the pool and removes the unfinished output.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
     _WORKER_ENCODER = _make_encoder(*encoder_args)
 
 

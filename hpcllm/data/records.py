@@ -157,13 +157,13 @@ def _conversation(obj, allow_open: bool = False) -> Chat:
         elif role == "system":
             system_parts.insert(0, _as_text(payload))
         elif role in USER_ROLES:
-            text = _as_text(payload)
+            text = _message_text(payload, n, role)
             if turns and turns[-1].role == "user":
                 turns[-1].content += "\n" + text
             else:
                 turns.append(Turn("user", text))
         elif role in ANSWER_ROLES or role == "ans-api":
-            parts = _api_answer(payload, n) if role == "ans-api" else [(_as_text(payload), True)]
+            parts = _api_answer(payload, n) if role == "ans-api" else [(_message_text(payload, n, role), True)]
             if not parts[-1][0].strip():
                 raise RecordError("empty_answer", f"round {n}: the answer is empty")
             if not turns or turns[-1].role != "user":
@@ -204,6 +204,15 @@ def _api_answer(payload, n):
         raise RecordError("bad_field", f"round {n}: the api answer must be a string")
     parts.append((answer, True))
     return parts
+
+
+def _message_text(value, n: int, role: str) -> str:
+    """What a person or the model said is text: null, a number or an object would be learned literally."""
+    if not isinstance(value, str):
+        shown = json.dumps(value, ensure_ascii=False)[:60]
+        raise RecordError("bad_field", f"round {n}: the {role!r} content must be a string, got "
+                                       f"{'null' if value is None else type(value).__name__} {shown}")
+    return value
 
 
 def _as_text(value) -> str:

@@ -41,6 +41,11 @@ def ensure_memmaps(cfg: DictConfig, run_dir: Path) -> dict:
             continue
         if not Path(source).exists():
             raise ConfigError(f"data.{split}={source} does not exist: give a jsonl file/directory or a memmap_gen output")
+        if Path(paths[split]).exists():
+            raise ConfigError(f"{paths[split]} (data.{split} prepared for this run) exists but holds no meta.json: an "
+                              f"interrupted or damaged preparation. Remove it (rm -r '{paths[split]}') and launch again "
+                              "to prepare it anew, or prepare it yourself with tools/memmap_gen.py "
+                              f"input={source} output=DIR ... and set data.{split}=DIR")
         kind = "pretrain" if split == "pretrain" else cfg.method.data_kind
         prepare_memmap(
             input=str(source), output=paths[split], tokenizer_spec=cfg.model.tokenizer or cfg.model.path,
