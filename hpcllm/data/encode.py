@@ -51,6 +51,8 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is not None and self.special_ids:
+            self.backend = with_single_token_specials(self.backend, self.special_ids, fmt.id)
 
     def encode_texts(self, texts: List[str], add_special_tokens: bool = False) -> List[List[int]]:
         if not texts:
@@ -61,7 +63,27 @@ class Encoder:
         return [self.tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
 
     def encode_pieces(self, renders: List[List[Piece]]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """Tokenize every text piece of every render in one batch call, then assemble."""
+        """Token ids and labels of rendered conversations.
+
+        The whole conversation is tokenized as one text, as the family's chat template and an
+        inference server tokenize it (tokenizing the pieces one by one would put a lone ``▁``
+        before every answer with SentencePiece tokenizers); a token is learned when any of its
+        characters is. Slow tokenizers have no character offsets: their pieces are tokenized
+        one by one."""
+        if self.backend is None:
+            return self._encode_piecewise(renders)
+        texts, learned_chars = zip(*map(_text_and_learned_chars, renders)) if renders else ((), ())
+        out = []
+        for enc, learned in zip(self.backend.encode_batch(list(texts), add_special_tokens=False), learned_chars):
+            ids = np.asarray(enc.ids, np.int32)
+            offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+            before = np.concatenate([[0], np.cumsum(learned)])  # learned characters before each position
+            start, end = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
+            is_learned = before[np.minimum(end, len(learned))] > before[np.minimum(start, len(learned))]
+            out.append((ids, np.where(is_learned, ids, IGNORE).astype(np.int32)))
+        return out
+
+    def _encode_piecewise(self, renders):
         texts = [p.text for pieces in renders for p in pieces if not p.special]
         encoded = iter(self.encode_texts(texts))
         out = []
@@ -197,6 +219,37 @@ class Encoder:
             ids[i, L - len(r_ids):] = r_ids
             mask[i, L - len(r_ids):] = 1
         result.rows = {"input_ids": ids, "attention_mask": mask}
+
+
+def _text_and_learned_chars(pieces: List[Piece]) -> Tuple[str, np.ndarray]:
+    text = "".join(p.text for p in pieces)
+    learned = np.zeros(len(text), np.int8)
+    pos = 0
+    for p in pieces:
+        if p.learned:
+            learned[pos:pos + len(p.text)] = 1
+        pos += len(p.text)
+    return text, learned
+
+
+def with_single_token_specials(backend, special_ids: Dict[str, int], format_id: str):
+    """A copy of the Rust tokenizer in which every special token of the format is matched as one
+    token inside a text (the families' tokenizers do so for theirs; a token that is only in the
+    vocabulary would otherwise be spelt out). Checked on a sample text."""
+    from tokenizers import AddedToken, Tokenizer
+
+    added = {t.content for t in backend.get_added_tokens_decoder().values()}
+    missing = [t for t in special_ids if t not in added]
+    if missing:
+        backend = Tokenizer.from_str(backend.to_str())
+        # whole words only for names made of letters (chatglm2's "sop"), so "desktop" stays a word
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False, single_word=t.isalnum()) for t in missing])
+    for token, tid in special_ids.items():
+        ids = backend.encode(f"x {token} x", add_special_tokens=False).ids
+        if tid not in ids:
+            raise ValueError(f"the tokenizer does not keep {token!r} (id {tid}) as one token inside a text, which "
+                             f"prompt format {format_id!r} needs; use the model family's own tokenizer")
+    return backend
 
 
 def special_id(tokenizer, token: str, format_id: str) -> int:

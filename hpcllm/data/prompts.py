@@ -174,8 +174,9 @@ FORMATS: Dict[str, PromptFormat] = {f.id: f for f in [
                  assistant=(C, S("eos", True), T("\n\n")), default_system=ALPACA,
                  default_system_with_input=ALPACA_INPUT, tokens={"bos": None, "eos": None}),
     # Llama-2-chat: <s>[INST] <<SYS>>\nsys\n<</SYS>>\n\nq [/INST] answer </s>
+    # (the prompt ends at "[/INST]": the model writes the space before its answer too)
     PromptFormat("llama2_chat", user=(S("bos"), T("[INST] {content} [/INST]")),
-                 assistant=(T(" "), C, T(" ", True), S("eos", True)),
+                 assistant=(T(" ", True), C, T(" ", True), S("eos", True)),
                  system_in_first_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}", tokens={"bos": None, "eos": None}),
     # Llama-3-instruct
     PromptFormat("llama3_chat", prefix=(S("bos"),),
