@@ -192,13 +192,15 @@ def _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction):
 
 
 def _detect_kind(files: List[str]) -> str:
+    first_error = None
     for path in files:
-        for _, line in read_lines(path):
+        for lineno, line in read_lines(path):
             try:
                 return kind_of(parse_line(line))
-            except RecordError:
-                continue
-    raise DataError(f"no valid record in {files[0]}{' ...' if len(files) > 1 else ''}: cannot detect the kind of data")
+            except RecordError as e:
+                first_error = first_error or f"{path}:{lineno}: {e}"
+    raise DataError(f"no valid record in {files[0]}{' ...' if len(files) > 1 else ''}: cannot detect the kind of data; "
+                    f"the first record: {first_error}")
 
 
 def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode, tokenizer=None) -> Encoder:

@@ -282,3 +282,52 @@ def test_sft_split_keeps_windows_that_hold_answers(tmp, tok):
     assert all((ds[i]["labels"] != IGNORE).any() for i in range(len(ds)))
     assert sorted(tok.decode(learned).split("<|im_end|>")[:-1]) == sorted(f"answer {i}" for i in range(8))
     assert meta["truncated_samples"] == 0
+
+
+SEED_FILE = """[
+  {"type": "pretrain", "text": "Cai Xukun is a Chinese singer-songwriter."},
+  {"type": "instruct", "instruct": "Fill out the blank", "input": "loves ______", "output": "playing basketball"},
+  {"type": "instruct", "instruct": "Write a poem about rain.", "output": "Rain is falling all around"},
+  {"type": "conversation", "rounds": [["ask", "Hello"], ["ans", "Hello, what can I do for you ?"],
+      ["ask", "Who is caixukun?"], ["ask", "When was caixukun born?"], ["ans", "In the year of 1998."]]},
+  {"type": "conver_has_api", "api_desc": "search: Search the book.", "rounds": [["ask", "find love"],
+      ["ans-api", {"actions": [{"inner_thought": "use search", "api_name": "search", "api_param": "{\\"query\\": \\"love\\"}",
+                               "api_res": "Status Code: 200. Mark 12:31"}], "ans": "Mark 12:31."}]]},
+  {"type": "ref_qa", "reference": "On January 10, 2019, Kun was named ambassador.",
+   "rounds": [["ask", "When was Kun named?"], ["ans", "On January 10, 2019"]]}
+]"""
+
+
+def test_the_seeds_json_array_file_verbatim(tmp, tok):
+    (tmp / "seed.json").write_text(SEED_FILE, encoding="utf-8")
+    meta = prepare(tmp / "seed.json", tmp / "out", kind="sft", seq_len=256)
+    assert meta["num_records_used"] == 6 and meta["skipped"] == {}
+    ds = MemmapDataset(str(tmp / "out"))
+    texts = {}
+    for i in range(len(ds)):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        texts[tok.decode(ids[ds[i]["attention_mask"] == 1])] = tok.decode(ids[labels != IGNORE])
+    api = next(t for t in texts if "search" in t)
+    assert "Observation: Status Code: 200. Mark 12:31" in api and "search: Search the book." in api
+    assert texts[api] == ('Thought: use search\nAction: search\nAction Input: {"query": "love"}\n'
+                          "Mark 12:31.<|im_end|>")
+    assert any("Reference:\nOn January 10, 2019" in t for t in texts)
+    assert any("Who is caixukun?\nWhen was caixukun born?" in t for t in texts)
+
+
+def test_multi_turn_preference_pairs_from_public_formats(tmp):
+    records = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "joke?"}],
+         "chosen": {"from": "gpt", "value": "A pun."}, "rejected": {"from": "gpt", "value": "No."}},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No."}]
+    meta = prepare(write_jsonl(tmp / "p.jsonl", records), tmp / "out", seq_len=64)
+    ds = MemmapDataset(str(tmp / "out"))
+    assert meta["kind"] == "preference" and len(ds) == 2
+    assert (ds[0]["chosen_input_ids"] == ds[1]["chosen_input_ids"]).all()  # both formats give the same sample
+
+
+def test_an_unknown_format_names_the_keys_and_the_formats(tmp):
+    with pytest.raises(DataError, match=r"q.jsonl:1: a record with keys \['question', 'reply'\] matches no known format; "
+                                        r"known: .*ShareGPT"):
+        prepare(write_jsonl(tmp / "q.jsonl", [{"question": "q", "reply": "a"}]), tmp / "out")
