@@ -33,6 +33,7 @@ class MemmapGenConfig:
     on_error: str = "fail"  # fail | skip (counted in meta.json)
     overwrite: bool = False
     eval_fraction: float = 0.0  # held out into OUTPUT_eval
+    max_prompt_len: Optional[int] = None  # cap on a sample's prompt tokens (cut from the left, system kept)
     progress: bool = True
 
 
@@ -50,7 +51,7 @@ def main(argv) -> int:
     try:
         prepare_memmap(cfg.input, cfg.output, tokenizer, cfg.seq_len, cfg.mode, cfg.model, kind=cfg.kind,
                        num_workers=cfg.num_workers, seed=cfg.seed, on_error=cfg.on_error, overwrite=cfg.overwrite,
-                       eval_fraction=cfg.eval_fraction, progress=cfg.progress)
+                       eval_fraction=cfg.eval_fraction, progress=cfg.progress, max_prompt_len=cfg.max_prompt_len)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"memmap_gen: error: {e}", file=sys.stderr)
         return 1

@@ -222,6 +222,7 @@ class DataConfig:
     mode: str = "pack"  # pack | truncate | split, when preparing jsonl
     eval_fraction: float = 0.0  # hold out this share of `train` when no `eval` is given
     dynamic_padding: bool = True
+    max_prompt_len: Optional[int] = None  # cap on a sample's prompt tokens (cut from the left, system kept)
 
 
 @dataclass

@@ -38,14 +38,28 @@ class ChunkResult:
     stream: np.ndarray  # pack mode: text tokens the parent cuts into rows across chunks
     records: int = 0
     tokens: int = 0  # tokens of the samples before truncation
-    truncated: int = 0  # samples cut to fit seq_len
+    truncated: int = 0  # samples (preference: pairs) cut to fit seq_len or max_prompt_len
+    prompts_cut: int = 0  # of those, samples whose prompt was cut from the left
+    answers_cut: int = 0  # of those, samples whose answer was cut at the end
     errors: List[Tuple[int, int, str, str]] = field(default_factory=list)  # (file index, line, reason, message)
     skipped: Dict[str, int] = field(default_factory=dict)  # samples dropped whatever on_error says
 
 
+@dataclass
+class Encoded:
+    """One tokenized conversation: ``head`` tokens (the format's prefix and system message) come
+    before the first user turn, the last answer starts at ``answer_start``."""
+    ids: np.ndarray
+    labels: np.ndarray
+    head: int
+    answer_start: int
+
+
 class Encoder:
-    def __init__(self, tokenizer, fmt: Optional[PromptFormat], special_tokens: Optional[dict], kind: str, seq_len: int, mode: str):
+    def __init__(self, tokenizer, fmt: Optional[PromptFormat], special_tokens: Optional[dict], kind: str, seq_len: int,
+                 mode: str, max_prompt_len: Optional[int] = None):
         self.tok, self.fmt, self.kind, self.seq_len, self.mode = tokenizer, fmt, kind, seq_len, mode
+        self.max_prompt_len = max_prompt_len
         self.tokens = fmt.resolve_tokens(special_tokens, tokenizer) if fmt is not None else {}
         self.special_ids = {t: special_id(tokenizer, t, fmt.id) for t in self.tokens.values()}
         self.eos_id = tokenizer.eos_token_id
@@ -62,8 +76,22 @@ class Encoder:
             return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
         return [self.tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]
 
-    def encode_pieces(self, renders: List[List[Piece]]) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """Token ids and labels of rendered conversations.
+    def encode_chats(self, chats: List[Chat], generation_prompt: bool = False) -> List[Encoded]:
+        renders, marks = [], []
+        for chat in chats:
+            marks.append([])
+            renders.append(self.fmt.render(chat, self.tokens, generation_prompt=generation_prompt, marks=marks[-1]))
+        out = []
+        for (ids, labels, starts), chat_marks in zip(self.encode_pieces(renders, with_starts=True), marks):
+            at = lambda pos: int(np.searchsorted(starts, pos))  # the first token at or after a character
+            users = [at(pos) for role, pos in chat_marks if role == "user"]
+            answers = [at(pos) for role, pos in chat_marks if role == "assistant"]
+            out.append(Encoded(ids, labels, users[0] if users else 0, answers[-1] if answers else len(ids)))
+        return out
+
+    def encode_pieces(self, renders: List[List[Piece]], with_starts: bool = False) -> list:
+        """Token ids and labels (and with ``with_starts`` each token's first character) of rendered
+        conversations.
 
         The whole conversation is tokenized as one text, as the family's chat template and an
         inference server tokenize it (tokenizing the pieces one by one would put a lone ``▁``
@@ -71,17 +99,18 @@ class Encoder:
         characters is. Slow tokenizers have no character offsets: their pieces are tokenized
         one by one."""
         if self.backend is None:
-            return self._encode_piecewise(renders)
-        texts, learned_chars = zip(*map(_text_and_learned_chars, renders)) if renders else ((), ())
-        out = []
-        for enc, learned in zip(self.backend.encode_batch(list(texts), add_special_tokens=False), learned_chars):
-            ids = np.asarray(enc.ids, np.int32)
-            offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
-            before = np.concatenate([[0], np.cumsum(learned)])  # learned characters before each position
-            start, end = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
-            is_learned = before[np.minimum(end, len(learned))] > before[np.minimum(start, len(learned))]
-            out.append((ids, np.where(is_learned, ids, IGNORE).astype(np.int32)))
-        return out
+            out = self._encode_piecewise(renders)
+        else:
+            texts, learned_chars = zip(*map(_text_and_learned_chars, renders)) if renders else ((), ())
+            out = []
+            for enc, learned in zip(self.backend.encode_batch(list(texts), add_special_tokens=False), learned_chars):
+                ids = np.asarray(enc.ids, np.int32)
+                offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
+                before = np.concatenate([[0], np.cumsum(learned)])  # learned characters before each position
+                start, end = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
+                is_learned = before[np.minimum(end, len(learned))] > before[np.minimum(start, len(learned))]
+                out.append((ids, np.where(is_learned, ids, IGNORE).astype(np.int32), start))
+        return out if with_starts else [(ids, labels) for ids, labels, _ in out]
 
     def _encode_piecewise(self, renders):
         texts = [p.text for pieces in renders for p in pieces if not p.special]
@@ -90,12 +119,32 @@ class Encoder:
         for pieces in renders:
             ids: List[int] = []
             labels: List[int] = []
+            starts: List[int] = []
+            pos = 0
             for p in pieces:
                 piece_ids = [self.special_ids[p.text]] if p.special else next(encoded)
                 ids += piece_ids
                 labels += piece_ids if p.learned else [IGNORE] * len(piece_ids)
-            out.append((np.asarray(ids, np.int32), np.asarray(labels, np.int32)))
+                starts += [pos] * len(piece_ids)
+                pos += len(p.text)
+            out.append((np.asarray(ids, np.int32), np.asarray(labels, np.int32), np.asarray(starts, np.int64)))
         return out
+
+    def fit(self, sample: Encoded, answer_room: int) -> Tuple[np.ndarray, np.ndarray, bool, bool]:
+        """Cut a conversation to ``seq_len``: the prompt first, from the left, keeping the head (prefix
+        and system message), down to ``max_prompt_len`` or to what leaves ``answer_room`` tokens for
+        the answer (but not below half of seq_len); then an answer still too long at its end.
+        Returns ids, labels, whether the prompt and whether the answer was cut."""
+        L, a = self.seq_len, sample.answer_start
+        budget = max(L - answer_room, min(a, L // 2))
+        if self.max_prompt_len is not None:
+            budget = min(budget, self.max_prompt_len)
+        ids, labels, cut_prompt = sample.ids, sample.labels, a > budget
+        if cut_prompt:
+            head = sample.head if sample.head < budget else 0
+            keep = np.r_[0:head, a - (budget - head):len(ids)]
+            ids, labels = ids[keep], labels[keep]
+        return ids[:L], labels[:L], cut_prompt, len(ids) > L
 
     def encode_documents(self, texts: List[str]) -> List[np.ndarray]:
         """Pretraining text: the tokenizer's own bos handling, and eos between documents."""
@@ -126,8 +175,8 @@ class Encoder:
     # -- rows per kind -------------------------------------------------------------------
     def _lm_rows(self, records, result):
         docs = self.encode_documents([r.text for r in records if isinstance(r, Text)])
-        chats = self.encode_pieces([self.fmt.render(r, self.tokens) for r in records if isinstance(r, Chat)])
-        result.tokens = sum(len(d) for d in docs) + sum(len(ids) for ids, _ in chats)
+        chats = self.encode_chats([r for r in records if isinstance(r, Chat)])
+        result.tokens = sum(len(d) for d in docs) + sum(len(c.ids) for c in chats)
         L = self.seq_len
         rows: List[Tuple[np.ndarray, np.ndarray]] = []
         if self.mode == "pack" and docs:
@@ -138,13 +187,12 @@ class Encoder:
         else:
             rows += [(d[i:i + L], d[i:i + L]) for d in docs for i in range(0, len(d), L)]
         samples = []
-        for ids, labels in chats:
-            if len(ids) > L and self.mode == "split":
-                samples += [(ids[i:i + L], labels[i:i + L]) for i in range(0, len(ids), L)]
+        for c in chats:
+            if len(c.ids) > L and self.mode == "split":
+                samples += [(c.ids[i:i + L], c.labels[i:i + L]) for i in range(0, len(c.ids), L)]
                 continue
-            if len(ids) > L:
-                result.truncated += 1
-                ids, labels = ids[:L], labels[:L]
+            ids, labels, cut_prompt, cut_answer = self.fit(c, len(c.ids) - c.answer_start)
+            _count_cuts(result, cut_prompt, cut_answer)
             if (labels == IGNORE).all():
                 result.skipped["too_long"] = result.skipped.get("too_long", 0) + 1
             else:
@@ -182,43 +230,49 @@ class Encoder:
         return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
 
     def _preference_rows(self, records, result):
-        """Chosen and rejected of one prompt in the same row of their two files; truncated to fit."""
-        renders = []
-        for r in records:
-            for answer in (r.chosen, r.rejected):
-                renders.append(self.fmt.render(Chat(r.prompt.turns + [Turn("assistant", [(answer, True)])], r.prompt.system), self.tokens))
-        encoded = self.encode_pieces(renders)
-        result.tokens = sum(len(ids) for ids, _ in encoded)
-        L = self.seq_len
+        """Chosen and rejected of one prompt in the same row of their two files. A pair too long
+        keeps both sides: their shared prompt is cut alike (from the left), then an answer at its end."""
+        sides = self.encode_chats([Chat(r.prompt.turns + [Turn("assistant", [(answer, True)])], r.prompt.system)
+                                   for r in records for answer in (r.chosen, r.rejected)])
+        result.tokens = sum(len(c.ids) for c in sides)
+        for side in sides:  # only the compared answers are scored, not the answers in the prompt's history
+            side.labels[:side.answer_start] = IGNORE
         chosen, rejected = [], []
-        for c, r in zip(encoded[0::2], encoded[1::2]):
-            result.truncated += (len(c[0]) > L) + (len(r[0]) > L)
-            c, r = (c[0][:L], c[1][:L]), (r[0][:L], r[1][:L])
-            if (c[1] == IGNORE).all() or (r[1] == IGNORE).all():
+        for c, r in zip(sides[0::2], sides[1::2]):
+            room = max(len(c.ids) - c.answer_start, len(r.ids) - r.answer_start)
+            c_ids, c_labels, c_prompt, c_answer = self.fit(c, room)
+            r_ids, r_labels, r_prompt, r_answer = self.fit(r, room)
+            _count_cuts(result, c_prompt or r_prompt, c_answer or r_answer)
+            if (c_labels == IGNORE).all() or (r_labels == IGNORE).all():
                 result.skipped["too_long"] = result.skipped.get("too_long", 0) + 1
                 continue
-            chosen.append(c)
-            rejected.append(r)
+            chosen.append((c_ids, c_labels))
+            rejected.append((r_ids, r_labels))
         result.rows = {**self._pad_rows(chosen, "chosen_"), **self._pad_rows(rejected, "rejected_")}
 
     def _prompt_rows(self, records, result):
         """Prompts for generation: left-padded (the answer is generated to the right) and, when too
-        long, cut on the left so that the cue handing over to the assistant survives."""
-        chats = []
-        for r in records:
-            chat = r.prompt if isinstance(r, (Prompt, Preference)) else Chat(r.turns[:-1], r.system)
-            chats.append(self.fmt.render(chat, self.tokens, generation_prompt=True))
-        encoded = self.encode_pieces(chats)
-        result.tokens = sum(len(ids) for ids, _ in encoded)
+        long, cut on the left (keeping the system message) so that the cue handing over to the
+        assistant survives."""
+        chats = [r.prompt if isinstance(r, (Prompt, Preference)) else Chat(r.turns[:-1], r.system) for r in records]
+        encoded = self.encode_chats(chats, generation_prompt=True)
+        result.tokens = sum(len(c.ids) for c in encoded)
         L = self.seq_len
         ids = np.full((len(encoded), L), self.pad_id, np.int32)
         mask = np.zeros((len(encoded), L), np.int32)
-        for i, (r_ids, _) in enumerate(encoded):
-            result.truncated += len(r_ids) > L
-            r_ids = r_ids[-L:]
+        for i, c in enumerate(encoded):
+            r_ids, _, cut_prompt, _ = self.fit(c, 0)
+            _count_cuts(result, cut_prompt, False)
             ids[i, L - len(r_ids):] = r_ids
             mask[i, L - len(r_ids):] = 1
         result.rows = {"input_ids": ids, "attention_mask": mask}
+
+
+def _count_cuts(result: ChunkResult, cut_prompt: bool, cut_answer: bool):
+    if cut_prompt or cut_answer:
+        result.truncated += 1
+        result.prompts_cut += cut_prompt
+        result.answers_cut += cut_answer
 
 
 def _text_and_learned_chars(pieces: List[Piece]) -> Tuple[str, np.ndarray]:

@@ -69,14 +69,16 @@ def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
 def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_len: int, mode: str = "pack",
                    model_preset: Union[str, dict, None] = None, kind: str = "auto", num_workers: int = 1,
                    seed: int = 1234, on_error: str = "fail", overwrite: bool = False, eval_fraction: float = 0.0,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, max_prompt_len: Optional[int] = None) -> dict:
     """Tokenize ``input`` (jsonl files or directories) into memmaps under ``output``; returns meta.json.
 
     ``eval_fraction`` > 0 holds out that share of the (shuffled) rows in ``output + "_eval"``.
     ``kind="auto"`` takes the kind of the first record. Preference and prompt data are always
-    truncated (``mode`` applies to pretrain and sft data).
+    truncated (``mode`` applies to pretrain and sft data). A conversation too long for ``seq_len``
+    loses its prompt's oldest tokens first (the system message is kept), then its answer's end;
+    ``max_prompt_len`` caps every prompt so.
     """
-    _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction)
+    _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction, max_prompt_len)
     output = os.path.abspath(output)
     outputs = {"train": output, "eval": output + "_eval"} if eval_fraction > 0 else {"train": output}
     files = find_inputs(input)
@@ -88,7 +90,8 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
         kind = _detect_kind(files)
     if kind != "pretrain" and preset["prompt_format"] is None:
         raise ValueError(f"{kind} data needs a prompt format: set model=<conf/model preset> (e.g. tiny_llama)")
-    encoder_args = (tokenizer_spec or preset["tokenizer"], preset["prompt_format"], preset["special_tokens"], kind, seq_len, mode)
+    encoder_args = (tokenizer_spec or preset["tokenizer"], preset["prompt_format"], preset["special_tokens"], kind, seq_len, mode,
+                    max_prompt_len)
     encoder = _make_encoder(*encoder_args, tokenizer=tokenizer)  # checks the special tokens before any work
     used_mode = mode if kind in ("pretrain", "sft") else "truncate"
     keys = KEYS[kind]
@@ -114,7 +117,8 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
             "inputs": [{"path": os.path.abspath(f), "size": os.path.getsize(f), "sha256": file_digest(f)} for f in files],
             "num_records": stats["records"], "num_records_used": stats["records"] - sum(stats["errors"].values()),
             "skipped": dict(stats["errors"]), "skipped_samples": dict(stats["skipped"]),
-            "truncated_samples": stats["truncated"], "on_error": on_error, "seed": seed,
+            "truncated_samples": stats["truncated"], "truncated_prompts": stats["prompts_cut"],
+            "truncated_answers": stats["answers_cut"], "max_prompt_len": max_prompt_len, "on_error": on_error, "seed": seed,
             "shuffle": f"shard-then-shuffle over {num_shards} shards", "eval_fraction": eval_fraction,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -176,7 +180,7 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, interrupt)
 
 
-def _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction):
+def _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction, max_prompt_len=None):
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: valid modes are {', '.join(MODES)}")
     if kind != "auto" and kind not in KINDS:
@@ -189,6 +193,9 @@ def _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction):
         raise ValueError(f"num_workers={num_workers}: must be at least 1")
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction={eval_fraction}: must be in [0, 1)")
+    if max_prompt_len is not None and not 0 < max_prompt_len < seq_len:
+        raise ValueError(f"max_prompt_len={max_prompt_len}: must be between 1 and seq_len-1={seq_len - 1} "
+                         "(the answer needs room), or unset")
 
 
 def _detect_kind(files: List[str]) -> str:
@@ -203,9 +210,9 @@ def _detect_kind(files: List[str]) -> str:
                     f"the first record: {first_error}")
 
 
-def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode, tokenizer=None) -> Encoder:
+def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode, max_prompt_len, tokenizer=None) -> Encoder:
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_spec)
-    return Encoder(tokenizer, get_format(format_id) if format_id else None, special_tokens, kind, seq_len, mode)
+    return Encoder(tokenizer, get_format(format_id) if format_id else None, special_tokens, kind, seq_len, mode, max_prompt_len)
 
 
 _WORKER_ENCODER: Optional[Encoder] = None
@@ -258,7 +265,8 @@ def _results(files, encoder, encoder_args, num_workers) -> Iterator[ChunkResult]
 def _generate(files, encoder, encoder_args, num_workers, on_error, shards, kind, mode, seq_len, progress) -> dict:
     from tqdm import tqdm
 
-    stats = {"records": 0, "tokens": 0, "truncated": 0, "errors": collections.Counter(), "skipped": collections.Counter()}
+    stats = {"records": 0, "tokens": 0, "truncated": 0, "prompts_cut": 0, "answers_cut": 0, "errors": collections.Counter(),
+             "skipped": collections.Counter()}
     carry = np.zeros(0, np.int32)  # pack mode: text tokens not yet filling a row
     start = time.time()
     with tqdm(unit=" rec", desc="memmap_gen", disable=not progress, file=sys.stderr, mininterval=1.0) as bar:
@@ -271,6 +279,8 @@ def _generate(files, encoder, encoder_args, num_workers, on_error, shards, kind,
             stats["records"] += result.records
             stats["tokens"] += result.tokens
             stats["truncated"] += result.truncated
+            stats["prompts_cut"] += result.prompts_cut
+            stats["answers_cut"] += result.answers_cut
             stats["skipped"].update(result.skipped)
             shards.add(np.concatenate([result.rows[k] for k in KEYS[kind]], axis=1) if result.rows else None)
             if len(result.stream):
@@ -383,8 +393,16 @@ def _summary(meta, stats):
     rate = meta["num_tokens"] / max(stats["seconds"], 1e-9)
     print(f"memmap_gen: {meta['num_samples']} {meta['kind']} rows of {meta['seq_len']} tokens from "
           f"{stats['records']} records in {stats['seconds']:.1f}s ({rate:,.0f} tok/s), "
-          f"padding {meta['padding_ratio']:.1%}, {stats['truncated']} samples truncated", file=sys.stderr)
+          f"padding {meta['padding_ratio']:.1%}, {_truncation(meta, stats)}", file=sys.stderr)
     skipped = dict(stats["errors"]) | {f"{k} (samples)": v for k, v in stats["skipped"].items()}
     if skipped:
         print("memmap_gen: SKIPPED " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items()))
               + " (counts in meta.json)", file=sys.stderr)
+
+
+def _truncation(meta, stats) -> str:
+    unit = "pairs" if meta["kind"] == "preference" else "samples"
+    if not stats["truncated"]:
+        return f"no {unit} truncated"
+    return (f"{stats['truncated']} {unit} truncated (prompt cut from the left in {stats['prompts_cut']}, "
+            f"answer cut at the end in {stats['answers_cut']})")

@@ -89,9 +89,12 @@ class PromptFormat:
             out[name] = value
         return out
 
-    def render(self, chat: Chat, tokens: Dict[str, str], generation_prompt: bool = False) -> List[Piece]:
-        """Pieces of the whole conversation; ``generation_prompt``: it ends with a user turn to answer."""
+    def render(self, chat: Chat, tokens: Dict[str, str], generation_prompt: bool = False,
+               marks: Optional[List[Tuple[str, int]]] = None) -> List[Piece]:
+        """Pieces of the whole conversation; ``generation_prompt``: it ends with a user turn to answer.
+        ``marks`` receives (role, character offset) where each turn starts (truncation cuts there)."""
         pieces: List[Piece] = []
+        mark = (lambda role: marks.append((role, sum(len(p.text) for p in pieces)))) if marks is not None else (lambda role: None)
         emit = lambda template, **values: self._emit(pieces, template, tokens, values)
         emit(self.prefix)
         system = chat.system
@@ -102,6 +105,7 @@ class PromptFormat:
             emit(self.system, content=system)
         round_no = self.round_base
         for i, turn in enumerate(chat.turns):
+            mark(turn.role)
             if turn.role == "user":
                 text = turn.content
                 if i == 0 and system and self.system is None:

@@ -52,5 +52,6 @@ def ensure_memmaps(cfg: DictConfig, run_dir: Path) -> dict:
             seq_len=cfg.method.seq_len, mode=cfg.data.mode if kind == "pretrain" else "truncate",
             model_preset=OmegaConf.to_container(cfg.model, resolve=True), kind=kind, seed=cfg.seed,
             eval_fraction=cfg.data.eval_fraction if split == "train" else 0.0,
+            max_prompt_len=cfg.data.get("max_prompt_len") if kind != "pretrain" else None,
         )
     return paths

@@ -239,10 +239,59 @@ def test_eval_fraction_holds_out_rows(tmp):
     assert len(rows(ev) | rows(MemmapDataset(str(tmp / "out")))) == 100
 
 
-def test_too_long_answers_are_dropped_and_counted(tmp):
-    meta = prepare(write_jsonl(tmp / "s.jsonl", [{"prompt": "word " * 100, "answer": "A"}, {"prompt": "Q", "answer": "A"}]),
-                   tmp / "out", seq_len=32)
-    assert meta["num_samples"] == 1 and meta["skipped_samples"] == {"too_long": 1} and meta["truncated_samples"] == 1
+SYSTEM_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def rows_as_text(tok, ds, prefix=""):
+    out = []
+    for i in range(len(ds)):
+        row = ds[i]
+        ids = row[prefix + "input_ids"][row[prefix + "attention_mask"] == 1]
+        out.append((tok.decode(ids), tok.decode(row[prefix + "input_ids"][row[prefix + "labels"] != IGNORE])))
+    return out
+
+
+def test_a_too_long_prompt_is_cut_from_the_left_keeping_the_system_message(tmp, tok, capsys):
+    long_prompt = " ".join(f"w{i}" for i in range(200))
+    records = [{"prompt": long_prompt, "answer": "The answer."}, {"prompt": "Q", "answer": "A " * 100}]
+    meta = prepare(write_jsonl(tmp / "s.jsonl", records), tmp / "out", seq_len=48, seed=3)
+    texts = dict((t[1], t[0]) for t in rows_as_text(tok, MemmapDataset(str(tmp / "out"))))
+    kept = texts["The answer.<|im_end|>"]
+    assert kept.startswith(SYSTEM_HEAD) and kept.endswith("w199<|im_end|>\n<|im_start|>assistant\nThe answer.<|im_end|>\n")
+    assert "w0 " not in kept
+    long_answer = next(t for t in texts.values() if t.startswith(SYSTEM_HEAD + "<|im_start|>user\nQ<|im_end|>"))
+    assert "A A A" in long_answer and not long_answer.endswith("<|im_end|>")  # cut at its end
+    assert meta["num_samples"] == 2 and meta["skipped_samples"] == {}
+    assert (meta["truncated_samples"], meta["truncated_prompts"], meta["truncated_answers"]) == (2, 1, 1)
+    assert "2 samples truncated (prompt cut from the left in 1, answer cut at the end in 1)" in capsys.readouterr().err
+
+
+def test_max_prompt_len_caps_every_prompt(tmp, tok):
+    prompt = " ".join(f"w{i}" for i in range(30))
+    meta = prepare(write_jsonl(tmp / "s.jsonl", [{"prompt": prompt, "answer": "yes"}]), tmp / "out", seq_len=256,
+                   max_prompt_len=24)
+    ds = MemmapDataset(str(tmp / "out"))
+    labels, mask = ds[0]["labels"], ds[0]["attention_mask"]
+    first_learned = int(np.flatnonzero(labels != IGNORE)[0])
+    assert first_learned <= 24 and meta["truncated_prompts"] == 1 and meta["max_prompt_len"] == 24
+    assert rows_as_text(tok, ds)[0][0].startswith(SYSTEM_HEAD) and rows_as_text(tok, ds)[0][1] == "yes<|im_end|>"
+    with pytest.raises(ValueError, match="max_prompt_len=256: must be between 1 and seq_len-1=255"):
+        prepare(tmp / "s.jsonl", tmp / "out2", seq_len=256, max_prompt_len=256)
+
+
+def test_a_preference_pair_too_long_keeps_both_sides_by_cutting_the_shared_prompt(tmp, tok, capsys):
+    history = [r for i in range(12) for r in (["ask", f"question {i} " + "filler " * 5], ["ans", f"answer {i}"])]
+    records = [{"rounds": history + [["ask", "last question"]], "chosen": "good answer", "rejected": "bad"}] * 3
+    meta = prepare(write_jsonl(tmp / "p.jsonl", records), tmp / "out", seq_len=64)
+    ds = MemmapDataset(str(tmp / "out"))
+    assert len(ds) == 3 and meta["skipped_samples"] == {} and meta["truncated_samples"] == 3
+    (chosen, c_learned), = set(rows_as_text(tok, ds, "chosen_"))
+    (rejected, r_learned), = set(rows_as_text(tok, ds, "rejected_"))
+    assert c_learned == "good answer<|im_end|>" and r_learned == "bad<|im_end|>"
+    assert chosen.startswith(SYSTEM_HEAD) and rejected.startswith(SYSTEM_HEAD)
+    assert chosen.rsplit("assistant\n", 1)[0] == rejected.rsplit("assistant\n", 1)[0]  # the same prompt, cut alike
+    assert "last question" in chosen and "question 0 " not in chosen
+    assert "3 pairs truncated (prompt cut from the left in 3, answer cut at the end in 0)" in capsys.readouterr().err
 
 
 def test_cli(tmp):
