@@ -7,8 +7,8 @@
 """
 from hpcllm.data.memmap import DataError, load_model_preset, prepare_memmap
 from hpcllm.data.prompts import FORMATS, get_format
-from hpcllm.data.reader import MemmapDataset, iter_batches
+from hpcllm.data.reader import MemmapDataset, iter_batches, lm_inputs
 from hpcllm.data.tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer, tokenizer_hash
 
 __all__ = ["DEMO_TOKENIZER_DIR", "FORMATS", "DataError", "MemmapDataset", "get_format", "iter_batches",
-           "load_model_preset", "load_tokenizer", "prepare_memmap", "tokenizer_hash"]
+           "lm_inputs", "load_model_preset", "load_tokenizer", "prepare_memmap", "tokenizer_hash"]

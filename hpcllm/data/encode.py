@@ -17,6 +17,7 @@ IGNORE = -100
 KINDS = ("pretrain", "sft", "preference", "prompt")
 MODES = ("pack", "truncate", "split")
 LM_KEYS = ("input_ids", "attention_mask", "labels")
+PACKED_KEYS = LM_KEYS + ("position_ids",)  # sft pack mode: positions restart at every sample
 KEYS = {
     "pretrain": LM_KEYS,
     "sft": LM_KEYS,
@@ -26,6 +27,10 @@ KEYS = {
 # What each record shape is to each kind of output.
 ACCEPTS = {"pretrain": (Text, Chat), "sft": (Text, Chat), "preference": (Preference,),
            "prompt": (Prompt, Chat, Preference)}
+
+
+def keys_for(kind: str, mode: str) -> Tuple[str, ...]:
+    return PACKED_KEYS if (kind, mode) == ("sft", "pack") else KEYS[kind]
 
 
 def kind_of(record: Record) -> str:
@@ -200,34 +205,37 @@ class Encoder:
         if self.mode == "split":  # windows that hold no answer teach nothing
             samples = [s for s in samples if (s[1] != IGNORE).any()]
         if self.mode == "pack":
-            rows += self._pack(samples)
+            result.rows = self._pad_rows(self._pack(samples), packed=True)
         else:
-            rows += samples
-        result.rows = self._pad_rows(rows)
+            result.rows = self._pad_rows(rows + samples)
 
     def _pack(self, samples):
-        """Next-fit: samples in order, a new row when the next one does not fit; labels stay per sample."""
-        rows, ids, labels = [], [], []
+        """Next-fit: samples in order, a new row when the next one does not fit. Each sample keeps
+        its own positions (0, 1, ...), from which the model builds attention that does not cross
+        samples; a sample's first token is never a target (it would be predicted from the sample before)."""
+        rows, parts = [], []
         for s_ids, s_labels in samples:
-            if ids and sum(map(len, ids)) + len(s_ids) > self.seq_len:
-                rows.append((np.concatenate(ids), np.concatenate(labels)))
-                ids, labels = [], []
-            ids.append(s_ids)
-            labels.append(s_labels)
-        if ids:
-            rows.append((np.concatenate(ids), np.concatenate(labels)))
+            if parts and sum(len(p[0]) for p in parts) + len(s_ids) > self.seq_len:
+                rows.append(tuple(np.concatenate(x) for x in zip(*parts)))
+                parts = []
+            parts.append((s_ids, np.r_[IGNORE, s_labels[1:]].astype(np.int32), np.arange(len(s_ids), dtype=np.int32)))
+        if parts:
+            rows.append(tuple(np.concatenate(x) for x in zip(*parts)))
         return rows
 
-    def _pad_rows(self, rows, prefix=""):
+    def _pad_rows(self, rows, prefix="", packed=False):
         n, L = len(rows), self.seq_len
         ids = np.full((n, L), self.pad_id, np.int32)
         mask = np.zeros((n, L), np.int32)
         labels = np.full((n, L), IGNORE, np.int32)
-        for i, (r_ids, r_labels) in enumerate(rows):
-            ids[i, :len(r_ids)] = r_ids
-            mask[i, :len(r_ids)] = 1
-            labels[i, :len(r_ids)] = r_labels
-        return {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
+        positions = np.tile(np.arange(L, dtype=np.int32), (n, 1))
+        for i, row in enumerate(rows):
+            k = len(row[0])
+            ids[i, :k], mask[i, :k], labels[i, :k] = row[0], 1, row[1]
+            if packed:  # the padding after the last sample is a sequence of its own
+                positions[i, :k], positions[i, k:] = row[2], np.arange(L - k)
+        out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask, f"{prefix}labels": labels}
+        return {**out, f"{prefix}position_ids": positions} if packed else out
 
     def _preference_rows(self, records, result):
         """Chosen and rejected of one prompt in the same row of their two files. A pair too long

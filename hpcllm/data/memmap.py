@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from hpcllm.data.encode import IGNORE, KEYS, KINDS, MODES, ChunkResult, Encoder, kind_of
+from hpcllm.data.encode import IGNORE, KINDS, MODES, ChunkResult, Encoder, keys_for, kind_of
 from hpcllm.data.files import DataError, file_digest, find_inputs, read_lines
 from hpcllm.data.prompts import get_format
 from hpcllm.data.records import RecordError, parse_line
@@ -94,7 +94,7 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
                     max_prompt_len)
     encoder = _make_encoder(*encoder_args, tokenizer=tokenizer)  # checks the special tokens before any work
     used_mode = mode if kind in ("pretrain", "sft") else "truncate"
-    keys = KEYS[kind]
+    keys = keys_for(kind, used_mode)
     input_bytes = sum(os.path.getsize(f) for f in files)
     # ~1 token per 2 bytes of text at most, 4 bytes per key and token while shuffling
     num_shards = int(min(MAX_SHARDS, max(1, math.ceil(input_bytes * 2 * len(keys) / SHARD_BYTES))))
@@ -282,28 +282,31 @@ def _generate(files, encoder, encoder_args, num_workers, on_error, shards, kind,
             stats["prompts_cut"] += result.prompts_cut
             stats["answers_cut"] += result.answers_cut
             stats["skipped"].update(result.skipped)
-            shards.add(np.concatenate([result.rows[k] for k in KEYS[kind]], axis=1) if result.rows else None)
+            shards.add(np.concatenate([result.rows[k] for k in keys_for(kind, mode)], axis=1) if result.rows else None)
             if len(result.stream):
                 buf = np.concatenate([carry, result.stream])
                 n = len(buf) // seq_len
-                shards.add(_text_rows(buf[:n * seq_len].reshape(n, seq_len), encoder.pad_id))
+                shards.add(_text_rows(buf[:n * seq_len].reshape(n, seq_len), encoder.pad_id, keys=keys_for(kind, mode)))
                 carry = buf[n * seq_len:]
             bar.update(result.records)
             bar.set_postfix_str(f"{stats['tokens'] / max(time.time() - start, 1e-9):,.0f} tok/s", refresh=False)
     if len(carry):
         row = np.full((1, seq_len), encoder.pad_id, np.int32)
         row[0, :len(carry)] = carry
-        shards.add(_text_rows(row, encoder.pad_id, length=len(carry)))
+        shards.add(_text_rows(row, encoder.pad_id, length=len(carry), keys=keys_for(kind, mode)))
     stats["seconds"] = time.time() - start
     return stats
 
 
-def _text_rows(ids: np.ndarray, pad_id: int, length: Optional[int] = None) -> np.ndarray:
+def _text_rows(ids: np.ndarray, pad_id: int, length: Optional[int] = None, keys=()) -> np.ndarray:
     mask = np.ones_like(ids)
     if length is not None:
         mask[:, length:] = 0
     labels = np.where(mask == 1, ids, IGNORE).astype(np.int32)
-    return np.concatenate([ids, mask, labels], axis=1)
+    columns = [ids, mask, labels]
+    if "position_ids" in keys:  # pretraining text packed among sft samples: one sequence a row
+        columns.append(np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape))
+    return np.concatenate(columns, axis=1)
 
 
 class _Shards:

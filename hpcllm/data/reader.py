@@ -65,7 +65,8 @@ def iter_batches(ds: MemmapDataset, micro_batch_size: int, rank: int, world_size
     Micro-step k of the job consumes global rows ``[consumed_samples + k*m*w, + m*w)`` (modulo
     ``len(ds)``: the next epoch reads the same order again), and rank r takes the r-th block of
     ``m`` rows of that slice; so a job resumed with ``consumed_samples`` continues exactly.
-    Padding positions (attention_mask 0) carry ``pad_token_id``. With ``dynamic_padding`` every
+    Padding positions (attention_mask 0) carry ``pad_token_id``. Packed sft rows also carry
+    ``position_ids`` that restart at every sample (see ``lm_inputs``). With ``dynamic_padding`` every
     key is trimmed to the longest row of the batch (chosen_* and rejected_* each to their own;
     left-padded prompt data on the left).
     """
@@ -89,7 +90,8 @@ def _finish(batch, dynamic_padding, pad_token_id, left):
     out = {}
     for prefix in sorted({k[:-len("attention_mask")] for k in batch if k.endswith("attention_mask")}):
         mask = batch[prefix + "attention_mask"]
-        keys = [k for k in batch if k[:len(prefix)] == prefix and k[len(prefix):] in ("input_ids", "attention_mask", "labels")]
+        keys = [k for k in batch if k[:len(prefix)] == prefix
+                and k[len(prefix):] in ("input_ids", "attention_mask", "labels", "position_ids")]
         cols = slice(None)
         if dynamic_padding:
             used = np.flatnonzero(mask.any(axis=0))
@@ -100,3 +102,14 @@ def _finish(batch, dynamic_padding, pad_token_id, left):
             out[k] = batch[k][:, cols]
         out[prefix + "input_ids"] = np.where(out[prefix + "attention_mask"] == 1, out[prefix + "input_ids"], pad_token_id)
     return out
+
+
+def lm_inputs(batch: Dict[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
+    """The keyword arguments of a Hugging Face causal LM for a batch. Packed rows give the model
+    their ``position_ids`` and no attention mask: transformers then builds attention that does not
+    cross samples (block-diagonal causal masks for sdpa/eager, varlen flash-attention), as for
+    ``DataCollatorWithFlattening``; the padding after the last sample is a sequence of its own."""
+    if "position_ids" not in batch:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"],
+            "use_cache": False}  # a cache would switch the packed-sequence masks off
