@@ -26,6 +26,7 @@ class MemmapGenConfig:
     seq_len: int = MISSING
     model: Optional[str] = None  # conf/model preset: prompt format, special tokens, default tokenizer
     tokenizer: Optional[str] = None  # path, hub name or "demo"; None = the model preset's
+    prompt_format: Optional[str] = None  # a format id or "tokenizer" (its chat_template); None = the preset's
     mode: str = "pack"  # pack | truncate | split (pretrain and sft data)
     kind: str = "auto"  # auto | pretrain | sft | preference | prompt
     num_workers: int = 1
@@ -51,7 +52,8 @@ def main(argv) -> int:
     try:
         prepare_memmap(cfg.input, cfg.output, tokenizer, cfg.seq_len, cfg.mode, cfg.model, kind=cfg.kind,
                        num_workers=cfg.num_workers, seed=cfg.seed, on_error=cfg.on_error, overwrite=cfg.overwrite,
-                       eval_fraction=cfg.eval_fraction, progress=cfg.progress, max_prompt_len=cfg.max_prompt_len)
+                       eval_fraction=cfg.eval_fraction, progress=cfg.progress, max_prompt_len=cfg.max_prompt_len,
+                       prompt_format=cfg.prompt_format)
     except (DataError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"memmap_gen: error: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from hpcllm.data.prompts import Chat, Piece, PromptFormat, Turn
+from hpcllm.data.prompts import Chat, ChatTemplateFormat, Piece, PromptFormat, Turn
 from hpcllm.data.records import Preference, Prompt, Record, RecordError, Text, parse_line
 
 IGNORE = -100
@@ -65,6 +65,8 @@ class Encoder:
                  mode: str, max_prompt_len: Optional[int] = None):
         self.tok, self.fmt, self.kind, self.seq_len, self.mode = tokenizer, fmt, kind, seq_len, mode
         self.max_prompt_len = max_prompt_len
+        if isinstance(fmt, ChatTemplateFormat):
+            self.fmt = fmt = fmt.bind(tokenizer)
         self.tokens = fmt.resolve_tokens(special_tokens, tokenizer) if fmt is not None else {}
         self.special_ids = {t: special_id(tokenizer, t, fmt.id) for t in self.tokens.values()}
         self.eos_id = tokenizer.eos_token_id

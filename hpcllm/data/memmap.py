@@ -69,14 +69,16 @@ def load_model_preset(model_preset: Union[str, dict, None]) -> dict:
 def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_len: int, mode: str = "pack",
                    model_preset: Union[str, dict, None] = None, kind: str = "auto", num_workers: int = 1,
                    seed: int = 1234, on_error: str = "fail", overwrite: bool = False, eval_fraction: float = 0.0,
-                   progress: bool = True, max_prompt_len: Optional[int] = None) -> dict:
+                   progress: bool = True, max_prompt_len: Optional[int] = None,
+                   prompt_format: Optional[str] = None) -> dict:
     """Tokenize ``input`` (jsonl files or directories) into memmaps under ``output``; returns meta.json.
 
     ``eval_fraction`` > 0 holds out that share of the (shuffled) rows in ``output + "_eval"``.
     ``kind="auto"`` takes the kind of the first record. Preference and prompt data are always
     truncated (``mode`` applies to pretrain and sft data). A conversation too long for ``seq_len``
     loses its prompt's oldest tokens first (the system message is kept), then its answer's end;
-    ``max_prompt_len`` caps every prompt so.
+    ``max_prompt_len`` caps every prompt so. ``prompt_format`` overrides the preset's; without
+    either, conversations take the tokenizer's own chat template (``prompt_format=tokenizer``).
     """
     _check_args(seq_len, mode, kind, num_workers, on_error, eval_fraction, max_prompt_len)
     output = os.path.abspath(output)
@@ -88,8 +90,13 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
     tokenizer = load_tokenizer(tokenizer_spec or preset["tokenizer"])
     if kind == "auto":
         kind = _detect_kind(files)
+    if prompt_format is not None:
+        preset["prompt_format"] = get_format(prompt_format).id
     if kind != "pretrain" and preset["prompt_format"] is None:
-        raise ValueError(f"{kind} data needs a prompt format: set model=<conf/model preset> (e.g. tiny_llama)")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{kind} data needs a prompt format: set model=<conf/model preset> (e.g. tiny_llama), "
+                             "or use a tokenizer with a chat_template")
+        preset["prompt_format"] = "tokenizer"  # no family named: the tokenizer's own template
     encoder_args = (tokenizer_spec or preset["tokenizer"], preset["prompt_format"], preset["special_tokens"], kind, seq_len, mode,
                     max_prompt_len)
     encoder = _make_encoder(*encoder_args, tokenizer=tokenizer)  # checks the special tokens before any work

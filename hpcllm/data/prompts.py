@@ -208,9 +208,87 @@ FORMATS: Dict[str, PromptFormat] = {f.id: f for f in [
 ]}
 
 
-def get_format(format_id: str) -> PromptFormat:
+class ChatTemplateFormat:
+    """``prompt_format=tokenizer``: the tokenizer's own ``chat_template`` renders the conversation
+    (``apply_chat_template``). An assistant turn is learned from where the template's generation
+    prompt ends to where the template closes that turn (its end token included); a tool's result
+    inside an answer is given to the template as a ``tool`` message and is not learned."""
+
+    id = "tokenizer"
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def bind(self, tokenizer) -> "ChatTemplateFormat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format=tokenizer needs a tokenizer with a chat_template; this one has none: "
+                             "name a model preset (model=...) for the family's format")
+        return ChatTemplateFormat(tokenizer)
+
+    def token_names(self) -> List[str]:
+        return []
+
+    def resolve_tokens(self, overrides=None, tokenizer=None) -> Dict[str, str]:
+        return {}
+
+    def render(self, chat: Chat, tokens: Dict[str, str], generation_prompt: bool = False,
+               marks: Optional[List[Tuple[str, int]]] = None) -> List[Piece]:
+        messages = ([{"role": "system", "content": chat.system}] if chat.system else [])
+        pieces: List[Piece] = []
+        done = 0  # characters of the full text already in pieces
+        for turn in chat.turns:
+            if turn.role == "user":
+                messages.append({"role": "user", "content": turn.content + (f"\n{turn.input}" if turn.input else "")})
+                continue
+            for i, message in enumerate(_template_messages(turn.content)):
+                if message["role"] == "tool":  # not learned: it goes with the text before the next answer
+                    messages.append(message)
+                    continue
+                cue = self._text(messages, generation_prompt=True)
+                messages.append(message)
+                through = self._text(messages)
+                if not through.startswith(cue) or cue[:done] != "".join(p.text for p in pieces):
+                    raise ValueError("the tokenizer's chat_template renders an earlier part of the conversation "
+                                     "differently once it goes on, so the answers cannot be marked: use a model "
+                                     "preset's prompt format")
+                _mark(marks, "user" if i == 0 else "tool", pieces)
+                pieces.append(Piece(cue[done:], False))
+                if i == 0:
+                    _mark(marks, "assistant", pieces)
+                pieces.append(Piece(through[len(cue):], True))
+                done = len(through)
+        if generation_prompt:
+            _mark(marks, "user", pieces)
+            pieces.append(Piece(self._text(messages, generation_prompt=True)[done:], False))
+        return [p for p in pieces if p.text]
+
+    def _text(self, messages, generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _mark(marks, role: str, pieces: List[Piece]):
+    if marks is not None:
+        marks.append((role, sum(len(p.text) for p in pieces)))
+
+
+def _template_messages(parts: List[Tuple[str, bool]]) -> List[dict]:
+    """An answer's (text, learned) parts as chat messages: a not-learned part is a tool's result."""
+    out: List[dict] = []
+    for text, learned in parts:
+        role = "assistant" if learned else "tool"
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += text
+        else:
+            out.append({"role": role, "content": text})
+    return out
+
+
+def get_format(format_id: str):
+    if format_id == ChatTemplateFormat.id:
+        return ChatTemplateFormat()
     if format_id not in FORMATS:
-        raise ValueError(f"unknown prompt_format {format_id!r}; valid: {', '.join(sorted(FORMATS))}")
+        raise ValueError(f"unknown prompt_format {format_id!r}; valid: {', '.join(sorted(FORMATS))}, tokenizer "
+                         "(the tokenizer's own chat_template)")
     return FORMATS[format_id]
 
 
