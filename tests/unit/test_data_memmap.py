@@ -304,6 +304,10 @@ def test_cli(tmp):
     assert meta["prompt_format"] == "chatglm2" and meta["seed"] == 7 and meta["special_tokens"]["sop"] == "sop"
     r = run("inptu=x", "output=y", "seq_len=8")
     assert r.returncode == 2 and "valid keys: input, output" in r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "Key '--help'" not in r.stdout + r.stderr
+    assert "  max_prompt_len  cap on a sample's prompt tokens" in r.stdout and "  num_workers " in r.stdout
+    assert "  seq_len         tokens a row holds (the job's method.seq_len) (default: required)" in r.stdout
 
 
 def test_ctrl_c_stops_the_workers_and_removes_the_unfinished_output(tmp):
