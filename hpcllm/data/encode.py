@@ -153,6 +153,20 @@ class Encoder:
             ids, labels = ids[keep], labels[keep]
         return ids[:L], labels[:L], cut_prompt, len(ids) > L
 
+    def check_round_trip(self, texts: List[str]) -> None:
+        """Refuse a broken tokenizer (one that encodes text to nothing, to a handful of ids or to
+        unknown tokens, e.g. a slow-to-fast conversion gone wrong) before it writes a useless dataset."""
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            return
+        chars = sum(len("".join(t.split())) for t in texts)
+        ids = self.encode_texts(texts)
+        back = sum(len("".join(self.tok.decode(i, skip_special_tokens=True).split())) for i in ids)
+        if back < chars / 2:
+            raise ValueError(f"the tokenizer encodes {chars} characters of the first {len(texts)} records to "
+                             f"{sum(map(len, ids))} tokens that decode back to {back} characters: it loses the text "
+                             "(a broken tokenizer, e.g. a slow-to-fast conversion gone wrong); use the model's own tokenizer")
+
     def encode_documents(self, texts: List[str]) -> List[np.ndarray]:
         """Pretraining text: the tokenizer's own bos handling, and eos between documents."""
         out = []

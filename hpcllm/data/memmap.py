@@ -32,7 +32,7 @@ import numpy as np
 from hpcllm.data.encode import IGNORE, KINDS, MODES, ChunkResult, Encoder, keys_for, kind_of
 from hpcllm.data.files import DataError, file_digest, find_inputs, read_lines
 from hpcllm.data.prompts import get_format
-from hpcllm.data.records import RecordError, parse_line
+from hpcllm.data.records import RecordError, Text, parse_line
 from hpcllm.data.tokenizer import load_tokenizer, tokenizer_hash
 
 FORMAT_VERSION = 1
@@ -100,6 +100,7 @@ def prepare_memmap(input: str, output: str, tokenizer_spec: Optional[str], seq_l
     encoder_args = (tokenizer_spec or preset["tokenizer"], preset["prompt_format"], preset["special_tokens"], kind, seq_len, mode,
                     max_prompt_len)
     encoder = _make_encoder(*encoder_args, tokenizer=tokenizer)  # checks the special tokens before any work
+    encoder.check_round_trip(_sample_texts(files, encoder))
     used_mode = mode if kind in ("pretrain", "sft") else "truncate"
     keys = keys_for(kind, used_mode)
     input_bytes = sum(os.path.getsize(f) for f in files)
@@ -215,6 +216,22 @@ def _detect_kind(files: List[str]) -> str:
                 first_error = first_error or f"{path}:{lineno}: {e}"
     raise DataError(f"no valid record in {files[0]}{' ...' if len(files) > 1 else ''}: cannot detect the kind of data; "
                     f"the first record: {first_error}")
+
+
+def _sample_texts(files: List[str], encoder: Encoder, count: int = 32) -> List[str]:
+    """The text of the first usable records (conversations without their template)."""
+    out = []
+    for lineno, line in read_lines(files[0]):
+        try:
+            record = parse_line(line)
+        except RecordError:
+            continue
+        chat = getattr(record, "prompt", record)
+        out.append(record.text if isinstance(record, Text) else
+                   "\n".join(t.content if isinstance(t.content, str) else "".join(p for p, _ in t.content) for t in chat.turns))
+        if len(out) >= count:
+            break
+    return out
 
 
 def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode, max_prompt_len, tokenizer=None) -> Encoder:

@@ -13,6 +13,36 @@ if TYPE_CHECKING:
     import torch
 
 
+def read_meta(path: str) -> Optional[dict]:
+    """meta.json of a prepared directory, or None when ``path`` is not one."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_prepared(path: str, key: str, seq_len: int, tokenizer_spec: Optional[str], load=None) -> None:
+    """A prepared directory against the job, without reading its rows: the seq_len it was cut to,
+    and the tokenizer (by name, then, when the names differ, by fingerprint, loading the job's one
+    with ``load``). The message names the override that fixes it."""
+    meta = read_meta(path)
+    if meta is None:
+        return
+    if meta.get("seq_len") != seq_len:
+        raise ValueError(f"{key}={path} was prepared with seq_len={meta.get('seq_len')} but method.seq_len={seq_len}: "
+                         f"set method.seq_len={meta.get('seq_len')}, or prepare the data again with seq_len={seq_len}")
+    tok = meta.get("tokenizer") or {}
+    if tokenizer_spec is None or tok.get("name") == tokenizer_spec or load is None:
+        return
+    from hpcllm.data.tokenizer import tokenizer_hash
+
+    if tokenizer_hash(load(tokenizer_spec)) != tok.get("hash"):
+        raise ValueError(f"{key}={path} was tokenized with {tok.get('name')!r} (hash {tok.get('hash')}) but the job's "
+                         f"tokenizer is {tokenizer_spec!r}: set model.tokenizer={tok.get('name')}, or prepare the data "
+                         "again with the job's tokenizer")
+
+
 class MemmapDataset:
     """Rows of a directory written by ``prepare_memmap``; ``ds[i]`` is a dict of numpy rows."""
 

@@ -28,6 +28,21 @@ def memmap_paths(cfg: DictConfig, run_dir: Path) -> dict:
     return paths
 
 
+def check_prepared_sources(cfg: DictConfig) -> None:
+    """Prepared data given as data.train/eval/pretrain must fit the job: checked in the dry run."""
+    from hpcllm.data import load_tokenizer
+    from hpcllm.data.reader import check_prepared
+
+    for split in ("train", "eval", "pretrain"):
+        source = cfg.data[split]
+        if source is not None and _is_memmap(source):
+            try:
+                check_prepared(str(source), f"data.{split}", cfg.method.seq_len, cfg.model.tokenizer or cfg.model.path,
+                               load=load_tokenizer)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
 def ensure_memmaps(cfg: DictConfig, run_dir: Path) -> dict:
     """Prepare every jsonl source of the job into run_dir/data (once; a resumed run reuses it)."""
     from hpcllm.data import prepare_memmap

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from hpcllm.config import Derived, JobConfig, derive
+from hpcllm.launch.datasets import check_prepared_sources
 from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
 
@@ -31,6 +32,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
+    check_prepared_sources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     for name, ds_config in render_ds_configs(cfg, derived).items():

@@ -166,3 +166,38 @@ def test_a_run_dir_without_meta_json_says_what_to_do(tmp_path):
     assert "holds no meta.json" in str(e.value) and f"rm -r '{damaged}'" in str(e.value)
     assert "overwrite" not in str(e.value)
     assert (damaged / "input_ids.bin").exists()
+
+
+# -- mismatches caught before anything runs (issue 16 §6) --------------------------------------
+def test_a_broken_tokenizer_is_refused_before_writing(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    broken = Tokenizer(models.WordLevel({"<unk>": 0, "</s>": 1}, unk_token="<unk>"))  # every word is unknown
+    broken.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=broken, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path / "tok")
+    (tmp_path / "t.jsonl").write_bytes(jsonl(LINES[:50]))
+    with pytest.raises(ValueError, match="decode back to 0 characters: it loses the text"):
+        prepare(tmp_path / "t.jsonl", tmp_path / "out", tokenizer_spec=str(tmp_path / "tok"), model_preset=None)
+    assert sorted(os.listdir(tmp_path)) == ["t.jsonl", "tok"]
+
+
+def test_the_dry_run_checks_prepared_data_against_the_job(tmp_path):
+    from hpcllm.config import ConfigError, compose
+    from hpcllm.launch.job import prepare as prepare_job
+
+    (tmp_path / "t.jsonl").write_bytes(jsonl(LINES[:8]))
+    prepare(tmp_path / "t.jsonl", tmp_path / "data", seq_len=64, model_preset="tiny_llama")
+    job = lambda *o: prepare_job(compose(["model=tiny_llama", "method=pretrain", f"data.train={tmp_path / 'data'}", *o]),
+                                 tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"prepared with seq_len=64 but method.seq_len=.*set method.seq_len=64"):
+        job("method.seq_len=128")
+    other = tmp_path / "other_tok"
+    from hpcllm.data import load_tokenizer
+
+    tok = load_tokenizer("demo")
+    tok.add_tokens(["brandnewword"])
+    tok.save_pretrained(other)
+    with pytest.raises(ConfigError, match=r"tokenized with 'demo' .* set model.tokenizer=demo"):
+        job("method.seq_len=64", f"model.tokenizer={other}")
+    assert job("method.seq_len=64").cfg.method.seq_len == 64
