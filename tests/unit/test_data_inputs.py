@@ -201,3 +201,10 @@ def test_the_dry_run_checks_prepared_data_against_the_job(tmp_path):
     with pytest.raises(ConfigError, match=r"tokenized with 'demo' .* set model.tokenizer=demo"):
         job("method.seq_len=64", f"model.tokenizer={other}")
     assert job("method.seq_len=64").cfg.method.seq_len == 64
+
+
+def test_seq_len_beyond_max_positions_offers_both_fixes_for_a_preset_model():
+    from hpcllm.config import ConfigError, compose, derive
+
+    with pytest.raises(ConfigError, match=r"lower method.seq_len, or raise model.max_positions=1024"):
+        derive(compose(["model=tiny_llama", "method=sft", "method.seq_len=1024"]))
