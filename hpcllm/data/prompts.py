@@ -16,13 +16,13 @@ own ``bos_token`` / ``eos_token``.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):  # a tuple: millions are made, a frozen dataclass costs 3x as much
     text: str  # the text, or for special pieces the token string
     learned: bool
     special: bool = False
@@ -94,8 +94,15 @@ class PromptFormat:
         """Pieces of the whole conversation; ``generation_prompt``: it ends with a user turn to answer.
         ``marks`` receives (role, character offset) where each turn starts (truncation cuts there)."""
         pieces: List[Piece] = []
-        mark = (lambda role: marks.append((role, sum(len(p.text) for p in pieces)))) if marks is not None else (lambda role: None)
-        emit = lambda template, **values: self._emit(pieces, template, tokens, values)
+        length = [0]  # characters in pieces
+
+        def mark(role):
+            if marks is not None:
+                marks.append((role, length[0]))
+
+        def emit(template, **values):
+            length[0] += self._emit(pieces, template, tokens, _Values(values))
+
         emit(self.prefix)
         system = chat.system
         first_with_input = bool(chat.turns and chat.turns[0].input)
@@ -122,16 +129,35 @@ class PromptFormat:
         return _merge(pieces)
 
     @staticmethod
-    def _emit(pieces, template, tokens, values):
+    def _emit(pieces, template, tokens, values) -> int:
+        """Append a template's pieces; returns the characters appended."""
+        added = 0
         for element in template:
             if element[0] == "content":
-                pieces += [Piece(text, learned) for text, learned in values["answer"] if text]
-            elif element[0] == "tok":
-                pieces.append(Piece(tokens[element[1]], element[2], special=True))
+                for text, learned in values["answer"]:
+                    if text:
+                        pieces.append(Piece(text, learned))
+                        added += len(text)
             else:
-                text = _FIELD.sub(lambda m: values.get(m.group(1), ""), element[1])
+                special = element[0] == "tok"
+                text = tokens[element[1]] if special else _formatter(element[1]).format_map(values)
                 if text:
-                    pieces.append(Piece(text, element[2]))
+                    pieces.append(Piece(text, element[2], special))
+                    added += len(text)
+        return added
+
+
+@functools.lru_cache(maxsize=None)
+def _formatter(template: str) -> str:
+    """A template as a ``str.format_map`` string: its {content}/{round}/{input} fields kept, any other
+    brace escaped (a missing field renders empty, see ``_Values``)."""
+    parts = _FIELD.split(template)  # literal, name, literal, name, ...
+    return "".join(p.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else "{" + p + "}" for i, p in enumerate(parts))
+
+
+class _Values(dict):
+    def __missing__(self, key):
+        return ""
 
 
 def _merge(pieces: Sequence[Piece]) -> List[Piece]:
