@@ -5,6 +5,7 @@ Labels are aligned with ``input_ids`` (the model shifts them, as Hugging Face mo
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -108,16 +109,39 @@ class Encoder:
         if self.backend is None:
             out = self._encode_piecewise(renders)
         else:
-            texts, learned_chars = zip(*map(_text_and_learned_chars, renders)) if renders else ((), ())
-            out = []
-            for enc, learned in zip(self.backend.encode_batch(list(texts), add_special_tokens=False), learned_chars):
-                ids = np.asarray(enc.ids, np.int32)
-                offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
-                before = np.concatenate([[0], np.cumsum(learned)])  # learned characters before each position
-                start, end = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
-                is_learned = before[np.minimum(end, len(learned))] > before[np.minimum(start, len(learned))]
-                out.append((ids, np.where(is_learned, ids, IGNORE).astype(np.int32), start))
+            out = self._encode_whole(renders)
         return out if with_starts else [(ids, labels) for ids, labels, _ in out]
+
+    def _encode_whole(self, renders):
+        """One batch call; the labels of the whole batch from a few array operations, not per record."""
+        if not renders:
+            return []
+        texts, spans, base = [], [], 0
+        for pieces in renders:
+            pos = 0
+            for p in pieces:
+                if p.learned:
+                    spans.append((base + pos, base + pos + len(p.text)))
+                pos += len(p.text)
+            texts.append("".join(p.text for p in pieces))
+            base += pos
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        counts = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, int(counts.sum()))
+        offsets = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(e.offsets for e in encodings)),
+                              np.int64, 2 * len(ids)).reshape(-1, 2)
+        text_starts = np.cumsum([0] + [len(t) for t in texts])
+        start = offsets[:, 0] + np.repeat(text_starts[:-1], counts)  # in the batch's characters
+        end = np.maximum(offsets[:, 1] + np.repeat(text_starts[:-1], counts), start + 1)
+        learned = np.zeros(base + 1, np.int32)  # +1 at a learned span's start, -1 at its end
+        if spans:
+            np.add.at(learned, [a for a, _ in spans], 1)
+            np.add.at(learned, [b for _, b in spans], -1)
+        before = np.concatenate([[0], np.cumsum(np.cumsum(learned)[:-1] > 0)])  # learned characters before each one
+        is_learned = before[np.minimum(end, base)] > before[np.minimum(start, base)]
+        labels = np.where(is_learned, ids, IGNORE).astype(np.int32)
+        bounds = np.cumsum(counts)[:-1]
+        return list(zip(np.split(ids, bounds), np.split(labels, bounds), np.split(offsets[:, 0], bounds)))
 
     def _encode_piecewise(self, renders):
         texts = [p.text for pieces in renders for p in pieces if not p.special]
@@ -234,7 +258,9 @@ class Encoder:
             if parts and sum(len(p[0]) for p in parts) + len(s_ids) > self.seq_len:
                 rows.append(tuple(np.concatenate(x) for x in zip(*parts)))
                 parts = []
-            parts.append((s_ids, np.r_[IGNORE, s_labels[1:]].astype(np.int32), np.arange(len(s_ids), dtype=np.int32)))
+            s_labels = s_labels.copy()
+            s_labels[:1] = IGNORE
+            parts.append((s_ids, s_labels, np.arange(len(s_ids), dtype=np.int32)))
         if parts:
             rows.append(tuple(np.concatenate(x) for x in zip(*parts)))
         return rows
@@ -297,17 +323,6 @@ def _count_cuts(result: ChunkResult, cut_prompt: bool, cut_answer: bool):
         result.truncated += 1
         result.prompts_cut += cut_prompt
         result.answers_cut += cut_answer
-
-
-def _text_and_learned_chars(pieces: List[Piece]) -> Tuple[str, np.ndarray]:
-    text = "".join(p.text for p in pieces)
-    learned = np.zeros(len(text), np.int8)
-    pos = 0
-    for p in pieces:
-        if p.learned:
-            learned[pos:pos + len(p.text)] = 1
-        pos += len(p.text)
-    return text, learned
 
 
 def with_single_token_specials(backend, special_ids: Dict[str, int], format_id: str):
