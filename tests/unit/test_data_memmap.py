@@ -271,7 +271,7 @@ def test_max_prompt_len_caps_every_prompt(tmp, tok):
     meta = prepare(write_jsonl(tmp / "s.jsonl", [{"prompt": prompt, "answer": "yes"}]), tmp / "out", seq_len=256,
                    max_prompt_len=24)
     ds = MemmapDataset(str(tmp / "out"))
-    labels, mask = ds[0]["labels"], ds[0]["attention_mask"]
+    labels = ds[0]["labels"]
     first_learned = int(np.flatnonzero(labels != IGNORE)[0])
     assert first_learned <= 24 and meta["truncated_prompts"] == 1 and meta["max_prompt_len"] == 24
     assert rows_as_text(tok, ds)[0][0].startswith(SYSTEM_HEAD) and rows_as_text(tok, ds)[0][1] == "yes<|im_end|>"

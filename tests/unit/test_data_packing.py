@@ -2,7 +2,6 @@
 Hugging Face llama from the batch the training loop gets, equals the token-weighted mean of its
 samples' losses computed one by one."""
 import json
-import os
 
 import numpy as np
 import pytest
