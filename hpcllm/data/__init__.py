@@ -3,6 +3,7 @@
     prepare_memmap(...)            jsonl -> memmaps + meta.json (tools/memmap_gen.py is its CLI)
     MemmapDataset(path, ...)       the read-only rows, checked against the job
     iter_batches(ds, ...)          endless per-rank micro-batches, resumable at a sample offset
+    lm_inputs(batch)               a batch as a causal LM's arguments (packed rows: per-sample positions)
     load_tokenizer / tokenizer_hash
 """
 from hpcllm.data.memmap import DataError, load_model_preset, prepare_memmap
