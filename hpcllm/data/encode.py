@@ -91,10 +91,11 @@ class Encoder:
             renders.append(self.fmt.render(chat, self.tokens, generation_prompt=generation_prompt, marks=marks[-1]))
         out = []
         for (ids, labels, starts), chat_marks in zip(self.encode_pieces(renders, with_starts=True), marks):
-            at = lambda pos: int(np.searchsorted(starts, pos))  # the first token at or after a character
-            users = [at(pos) for role, pos in chat_marks if role == "user"]
-            answers = [at(pos) for role, pos in chat_marks if role == "assistant"]
-            out.append(Encoded(ids, labels, users[0] if users else 0, answers[-1] if answers else len(ids)))
+            first_user = next((pos for role, pos in chat_marks if role == "user"), 0)
+            last_answer = next((pos for role, pos in reversed(chat_marks) if role == "assistant"), None)
+            # the first token at or after each character
+            head, answer = np.searchsorted(starts, [first_user, last_answer if last_answer is not None else 0])
+            out.append(Encoded(ids, labels, int(head), int(answer) if last_answer is not None else len(ids)))
         return out
 
     def encode_pieces(self, renders: List[List[Piece]], with_starts: bool = False) -> list:
