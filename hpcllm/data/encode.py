@@ -59,6 +59,7 @@ class Encoded:
     labels: np.ndarray
     head: int
     answer_start: int
+    turn_starts: np.ndarray  # where each user turn starts: a prompt is best cut there
 
 
 class Encoder:
@@ -91,11 +92,12 @@ class Encoder:
             renders.append(self.fmt.render(chat, self.tokens, generation_prompt=generation_prompt, marks=marks[-1]))
         out = []
         for (ids, labels, starts), chat_marks in zip(self.encode_pieces(renders, with_starts=True), marks):
-            first_user = next((pos for role, pos in chat_marks if role == "user"), 0)
+            users = [pos for role, pos in chat_marks if role == "user"] or [0]
             last_answer = next((pos for role, pos in reversed(chat_marks) if role == "assistant"), None)
             # the first token at or after each character
-            head, answer = np.searchsorted(starts, [first_user, last_answer if last_answer is not None else 0])
-            out.append(Encoded(ids, labels, int(head), int(answer) if last_answer is not None else len(ids)))
+            tokens_at = np.searchsorted(starts, users + [last_answer if last_answer is not None else 0])
+            out.append(Encoded(ids, labels, int(tokens_at[0]), int(tokens_at[-1]) if last_answer is not None else len(ids),
+                               tokens_at[:-1]))
         return out
 
     def encode_pieces(self, renders: List[List[Piece]], with_starts: bool = False) -> list:
@@ -165,7 +167,8 @@ class Encoder:
     def fit(self, sample: Encoded, answer_room: int) -> Tuple[np.ndarray, np.ndarray, bool, bool]:
         """Cut a conversation to ``seq_len``: the prompt first, from the left, keeping the head (prefix
         and system message), down to ``max_prompt_len`` or to what leaves ``answer_room`` tokens for
-        the answer (but not below half of seq_len); then an answer still too long at its end.
+        the answer (but not below half of seq_len): whole oldest turns when the rest fits, else
+        inside the last question; then an answer still too long at its end.
         Returns ids, labels, whether the prompt and whether the answer was cut."""
         L, a = self.seq_len, sample.answer_start
         budget = max(L - answer_room, min(a, L // 2))
@@ -174,7 +177,10 @@ class Encoder:
         ids, labels, cut_prompt = sample.ids, sample.labels, a > budget
         if cut_prompt:
             head = sample.head if sample.head < budget else 0
-            keep = np.r_[0:head, a - (budget - head):len(ids)]
+            cut = a - (budget - head)
+            whole_turns = sample.turn_starts[(sample.turn_starts >= cut) & (sample.turn_starts < a)]
+            cut = int(whole_turns[0]) if len(whole_turns) else cut  # drop the oldest turns whole when one fits
+            keep = np.r_[0:head, cut:len(ids)]
             ids, labels = ids[keep], labels[keep]
         return ids[:L], labels[:L], cut_prompt, len(ids) > L
 

@@ -291,6 +291,7 @@ def test_a_preference_pair_too_long_keeps_both_sides_by_cutting_the_shared_promp
     assert chosen.startswith(SYSTEM_HEAD) and rejected.startswith(SYSTEM_HEAD)
     assert chosen.rsplit("assistant\n", 1)[0] == rejected.rsplit("assistant\n", 1)[0]  # the same prompt, cut alike
     assert "last question" in chosen and "question 0 " not in chosen
+    assert chosen[len(SYSTEM_HEAD):].startswith("<|im_start|>user\nquestion ")  # the oldest turns dropped whole
     assert "3 pairs truncated (prompt cut from the left in 3, answer cut at the end in 0)" in capsys.readouterr().err
 
 
