@@ -4,9 +4,12 @@
   already in memory): the limit, the faster of the two is the 100%;
 * a plain ``datasets`` pipeline (``load_dataset("json")`` + batched ``map``);
 * ``prepare_memmap`` (pretrain, pack) with ``num_workers`` = all cores, for a corpus 1x and 10x
-  the size, with the peak RSS of its whole process tree (must stay flat).
+  the size, with the peak RSS of its whole process tree (must stay flat);
+* chat data (``chat=1``): English and Chinese instruction records and short multi-turn ShareGPT
+  conversations, ``prepare_memmap`` (sft, pack, ChatML) against the raw tokenizer on the same
+  texts as the template renders them (rendered ahead, in memory).
 
-    python bench/bench_memmap.py [mb=8] [seq_len=1024] [tokenizer=demo] [workers=CORES] [repeat=3]
+    python bench/bench_memmap.py [mb=8] [seq_len=1024] [tokenizer=demo] [workers=CORES] [repeat=3] [chat=1]
 """
 import json
 import os
@@ -36,12 +39,54 @@ def make_corpus(path: str, megabytes: float, seed: int = 0) -> None:
             written += len(line.encode())
 
 
-def raw_tokenizer(path, tokenizer, method):
+def _sentence(rng, paragraphs, lo=20, hi=80):
+    p = rng.choice(paragraphs)
+    start = rng.randrange(max(1, len(p) - hi))
+    return p[start:start + rng.randint(lo, hi)]
+
+
+CHAT_DATA = {
+    "en_instruct": lambda rng, en, zh: {"instruction": _sentence(rng, en), "input": _sentence(rng, en),
+                                        "output": " ".join(_sentence(rng, en) for _ in range(4))},
+    "zh_instruct": lambda rng, en, zh: {"instruction": _sentence(rng, zh), "output": "".join(_sentence(rng, zh) for _ in range(4))},
+    "multi_turn": lambda rng, en, zh: {"conversations": [{"from": ("human", "gpt")[i % 2], "value": _sentence(rng, en, 10, 40)}
+                                                         for i in range(6)]},
+}
+
+
+def make_chat_corpus(path: str, kind: str, megabytes: float, seed: int = 0) -> None:
+    paragraphs = {}
+    for lang in ("en", "zh"):
+        with open(os.path.join(ROOT, "data", "demo", f"corpus_{lang}.txt"), encoding="utf-8") as f:
+            paragraphs[lang] = [p.strip() for p in f if p.strip()]
+    rng = random.Random(seed)
+    written, limit = 0, megabytes * (1 << 20)
+    with open(path, "w", encoding="utf-8") as f:
+        while written < limit:
+            line = json.dumps(CHAT_DATA[kind](rng, paragraphs["en"], paragraphs["zh"]), ensure_ascii=False) + "\n"
+            f.write(line)
+            written += len(line.encode())
+
+
+def rendered_texts(path, tokenizer, model):
+    """The chat records as the prompt format renders them: what the raw tokenizer is timed on."""
+    from hpcllm.data import get_format, load_model_preset, load_tokenizer
+    from hpcllm.data.records import parse_line
+
+    tok, preset = load_tokenizer(tokenizer), load_model_preset(model)
+    fmt = get_format(preset["prompt_format"])
+    tokens = fmt.resolve_tokens(preset["special_tokens"], tok)
+    with open(path, encoding="utf-8") as f:
+        return ["".join(p.text for p in fmt.render(parse_line(line), tokens)) for line in f]
+
+
+def raw_tokenizer(path, tokenizer, method, texts=None):
     from hpcllm.data import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    with open(path, encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
+    if texts is None:
+        with open(path, encoding="utf-8") as f:
+            texts = [json.loads(line)["text"] for line in f]
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(texts), 1000):
@@ -63,14 +108,14 @@ def datasets_map(path, tokenizer, cache_dir):
     return tokens, time.perf_counter() - start
 
 
-def memmap_gen(path, out, tokenizer, seq_len, workers):
+def memmap_gen(path, out, tokenizer, seq_len, workers, kind="pretrain", model=None):
     """In a child process, so that its peak RSS (with its workers) is measured alone."""
     import psutil
 
     # Loading the tokenizer (and with it transformers) is left out of the time, as for the raw tokenizer.
     code = ("import json, sys, time\nfrom hpcllm.data import load_tokenizer, prepare_memmap\n"
             f"load_tokenizer({tokenizer!r})\nt = time.perf_counter()\n"
-            f"m = prepare_memmap({path!r}, {out!r}, {tokenizer!r}, {seq_len}, 'pack', None, kind='pretrain', "
+            f"m = prepare_memmap({path!r}, {out!r}, {tokenizer!r}, {seq_len}, 'pack', {model!r}, kind={kind!r}, "
             f"num_workers={workers}, progress=False)\n"
             "print(json.dumps({'tokens': m['num_tokens'], 'seconds': time.perf_counter() - t}))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -100,7 +145,7 @@ def main(argv):
     args = dict(a.split("=", 1) for a in argv)
     mb, seq_len = float(args.get("mb", 8)), int(args.get("seq_len", 1024))
     tokenizer, workers = args.get("tokenizer", "demo"), int(args.get("workers", os.cpu_count()))
-    repeat = int(args.get("repeat", 3))
+    repeat, chat = int(args.get("repeat", 3)), args.get("chat", "1") not in ("0", "false")
     with tempfile.TemporaryDirectory() as tmp:
         small, large = os.path.join(tmp, "1x.jsonl"), os.path.join(tmp, "10x.jsonl")
         make_corpus(small, mb)
@@ -123,8 +168,34 @@ def main(argv):
         rows.append((f"memmap_gen 10x ({workers} workers)",
                      *memmap_gen(large, os.path.join(tmp, "out_10x"), tokenizer, seq_len, workers)))
         raw = max(t / s for name, t, s, _ in rows if name.startswith("raw"))
+        chat_tables = [chat_rows(tmp, kind, mb, tokenizer, seq_len, workers, repeat) for kind in CHAT_DATA] if chat else []
     print(f"corpus {mb:g} MB / {mb * 10:g} MB of jsonl, tokenizer {tokenizer}, {os.cpu_count()} cores, "
           f"seq_len {seq_len}, best of {repeat} for 1x")
+    print_table(rows, raw)
+    for kind, table in zip(CHAT_DATA, chat_tables):
+        print(f"\n{kind}: {mb:g} MB of jsonl, sft, pack, model=tiny_qwen2 (ChatML), best of {repeat}")
+        print_table(table, max(t / s for name, t, s, _ in table if name.startswith("raw")))
+
+
+def chat_rows(tmp, kind, mb, tokenizer, seq_len, workers, repeat):
+    """Raw tokenizer on the rendered texts and memmap_gen on the records, interleaved, best kept."""
+    path = os.path.join(tmp, f"{kind}.jsonl")
+    make_chat_corpus(path, kind, mb)
+    texts = rendered_texts(path, tokenizer, "tiny_qwen2")
+    best = {}
+    for i in range(repeat):
+        runs = [(f"raw tokenizer {m}", lambda m=m: raw_tokenizer(path, tokenizer, m, texts) + (None,))
+                for m in ("encode_batch", "encode_batch_fast")]
+        runs.append((f"memmap_gen ({workers} workers)", lambda: memmap_gen(
+            path, os.path.join(tmp, f"out_{kind}_{i}"), tokenizer, seq_len, workers, kind="sft", model="tiny_qwen2")))
+        for name, run in runs:
+            tokens, seconds, rss = run()
+            old = best.get(name)
+            best[name] = (tokens, min(seconds, old[1]) if old else seconds, rss and max(rss, old[2] if old else 0))
+    return [(name, *v) for name, v in best.items()]
+
+
+def print_table(rows, raw):
     print(f"{'pipeline':38s} {'tokens':>12s} {'seconds':>8s} {'tokens/s':>12s} {'vs raw':>7s} {'peak RSS':>10s}")
     for name, tokens, seconds, rss in rows:
         rss_text = f"{rss / (1 << 20):8.0f}MB" if rss else ""

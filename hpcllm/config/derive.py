@@ -111,7 +111,8 @@ def _compatibility(cfg: DictConfig) -> None:
     if model.position != "alibi" and method.seq_len > model.max_positions:
         raise ConfigError(
             f"method.seq_len={method.seq_len} exceeds model.max_positions={model.max_positions} of "
-            f"model={model.name}: lower method.seq_len")
+            f"model={model.name}: lower method.seq_len"
+            + ("" if model.path else f", or raise model.max_positions={method.seq_len} (the model is built from the preset)"))
     if train.tensor_parallel < 1 or train.pipeline_parallel < 1:
         raise ConfigError("train.tensor_parallel and train.pipeline_parallel must be at least 1")
     if model.num_heads % train.tensor_parallel:

@@ -286,6 +286,7 @@ class DataConfig:
     dynamic_padding: bool = True
     # A model that is not a tiny demo model refuses to train on the bundled demo data unless this is set.
     allow_demo_data: bool = False
+    max_prompt_len: Optional[int] = None  # cap on a sample's prompt tokens (cut from the left, system kept)
 
 
 @dataclass

@@ -1,13 +1,20 @@
-"""Finding and streaming the input files: jsonl, jsonl.zst and json, or directories of them."""
+"""Finding and streaming the input files: jsonl and json (an array of records), plain or
+compressed (.zst, .gz), or directories of them."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import os
-from typing import Iterator, List, Tuple, Union
+import zlib
+from typing import BinaryIO, Iterator, List, Tuple, Union
 
-SUFFIXES = (".jsonl", ".jsonl.zst", ".json")
+SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and the line when there is one)."""
 
 
 def find_inputs(spec: str, suffixes=SUFFIXES) -> List[str]:
@@ -29,21 +36,89 @@ def find_inputs(spec: str, suffixes=SUFFIXES) -> List[str]:
 
 def read_lines(path: str) -> Iterator[Tuple[int, Union[str, bytes]]]:
     """(line number, line) with constant memory; a line that is not UTF-8 comes as ``bytes``
-    (the parser reports it). A ``.json`` file holding one array is read whole, numbered by element."""
+    (the parser reports it). A ``.json`` file holding one array is read whole, numbered by element.
+    A damaged file (corrupt or truncated compression, a broken JSON array) is a ``DataError`` naming it."""
+    try:
+        with _open(path) as f:
+            if _plain_name(path).endswith(".json") and f.peek(1)[:1] == b"[":
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno} column {e.colno}); "
+                                    "fix the file or write one record a line (.jsonl)") from None
+                for i, obj in enumerate(records, 1):
+                    yield i, json.dumps(obj, ensure_ascii=False)
+                return
+            yield from _numbered(f)
+    except (OSError, EOFError, zlib.error, _zstd_error()) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{path}: the file is damaged ({type(e).__name__}: {e}); nothing of it was used. "
+                        "Check it (zstd -t / gzip -t) and download or compress it again") from None
+
+
+def _plain_name(path: str) -> str:
+    for suffix in (".zst", ".gz"):
+        if path.endswith(suffix):
+            return path[:-len(suffix)]
+    return path
+
+
+def _open(path: str) -> BinaryIO:
+    """A buffered binary stream of the decompressed content."""
+    if path.endswith(".gz"):
+        return io.BufferedReader(gzip.open(path, "rb"))
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(path))
+    return open(path, "rb")
+
+
+class _ZstdReader(io.RawIOBase):
+    """zstd decompression that notices a stream cut short: ``stream_reader`` ends quietly there,
+    which would make half a corpus look whole."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        with open(path, "rb") as raw:
-            yield from _numbered(io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)))
-        return
-    with open(path, "rb") as f:
-        if path.endswith(".json") and f.read(1) == b"[":
-            f.seek(0)
-            for i, obj in enumerate(json.load(f), 1):
-                yield i, json.dumps(obj, ensure_ascii=False)
-            return
-        f.seek(0)
-        yield from _numbered(f)
+        self._raw = open(path, "rb")
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._dobj = self._new_frame()
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            block = self._raw.read(1 << 20)
+            if not block:
+                if not self._dobj.eof:
+                    raise EOFError("the zstd stream ends before its end marker (a truncated file)")
+                return 0
+            self._buf = self._decompress(block)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def _decompress(self, block: bytes) -> bytes:
+        out = b""
+        while block:
+            if self._dobj.eof:  # a file of several frames: the next one starts
+                self._dobj = self._new_frame()
+            out += self._dobj.decompress(block)
+            block = self._dobj.unused_data if self._dobj.eof else b""
+        return out
+
+    def close(self):
+        self._raw.close()
+        super().close()
+
+
+def _zstd_error():
+    import zstandard
+
+    return zstandard.ZstdError
 
 
 def _numbered(lines) -> Iterator[Tuple[int, Union[str, bytes]]]:

@@ -16,13 +16,13 @@ own ``bos_token`` / ``eos_token``.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):  # a tuple: millions are made, a frozen dataclass costs 3x as much
     text: str  # the text, or for special pieces the token string
     learned: bool
     special: bool = False
@@ -89,10 +89,20 @@ class PromptFormat:
             out[name] = value
         return out
 
-    def render(self, chat: Chat, tokens: Dict[str, str], generation_prompt: bool = False) -> List[Piece]:
-        """Pieces of the whole conversation; ``generation_prompt``: it ends with a user turn to answer."""
+    def render(self, chat: Chat, tokens: Dict[str, str], generation_prompt: bool = False,
+               marks: Optional[List[Tuple[str, int]]] = None) -> List[Piece]:
+        """Pieces of the whole conversation; ``generation_prompt``: it ends with a user turn to answer.
+        ``marks`` receives (role, character offset) where each turn starts (truncation cuts there)."""
         pieces: List[Piece] = []
-        emit = lambda template, **values: self._emit(pieces, template, tokens, values)
+        length = [0]  # characters in pieces
+
+        def mark(role):
+            if marks is not None:
+                marks.append((role, length[0]))
+
+        def emit(template, **values):
+            length[0] += self._emit(pieces, template, tokens, _Values(values))
+
         emit(self.prefix)
         system = chat.system
         first_with_input = bool(chat.turns and chat.turns[0].input)
@@ -102,6 +112,7 @@ class PromptFormat:
             emit(self.system, content=system)
         round_no = self.round_base
         for i, turn in enumerate(chat.turns):
+            mark(turn.role)
             if turn.role == "user":
                 text = turn.content
                 if i == 0 and system and self.system is None:
@@ -118,16 +129,35 @@ class PromptFormat:
         return _merge(pieces)
 
     @staticmethod
-    def _emit(pieces, template, tokens, values):
+    def _emit(pieces, template, tokens, values) -> int:
+        """Append a template's pieces; returns the characters appended."""
+        added = 0
         for element in template:
             if element[0] == "content":
-                pieces += [Piece(text, learned) for text, learned in values["answer"] if text]
-            elif element[0] == "tok":
-                pieces.append(Piece(tokens[element[1]], element[2], special=True))
+                for text, learned in values["answer"]:
+                    if text:
+                        pieces.append(Piece(text, learned))
+                        added += len(text)
             else:
-                text = _FIELD.sub(lambda m: values.get(m.group(1), ""), element[1])
+                special = element[0] == "tok"
+                text = tokens[element[1]] if special else _formatter(element[1]).format_map(values)
                 if text:
-                    pieces.append(Piece(text, element[2]))
+                    pieces.append(Piece(text, element[2], special))
+                    added += len(text)
+        return added
+
+
+@functools.lru_cache(maxsize=None)
+def _formatter(template: str) -> str:
+    """A template as a ``str.format_map`` string: its {content}/{round}/{input} fields kept, any other
+    brace escaped (a missing field renders empty, see ``_Values``)."""
+    parts = _FIELD.split(template)  # literal, name, literal, name, ...
+    return "".join(p.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else "{" + p + "}" for i, p in enumerate(parts))
+
+
+class _Values(dict):
+    def __missing__(self, key):
+        return ""
 
 
 def _merge(pieces: Sequence[Piece]) -> List[Piece]:
@@ -174,8 +204,9 @@ FORMATS: Dict[str, PromptFormat] = {f.id: f for f in [
                  assistant=(C, S("eos", True), T("\n\n")), default_system=ALPACA,
                  default_system_with_input=ALPACA_INPUT, tokens={"bos": None, "eos": None}),
     # Llama-2-chat: <s>[INST] <<SYS>>\nsys\n<</SYS>>\n\nq [/INST] answer </s>
+    # (the prompt ends at "[/INST]": the model writes the space before its answer too)
     PromptFormat("llama2_chat", user=(S("bos"), T("[INST] {content} [/INST]")),
-                 assistant=(T(" "), C, T(" ", True), S("eos", True)),
+                 assistant=(T(" ", True), C, T(" ", True), S("eos", True)),
                  system_in_first_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}", tokens={"bos": None, "eos": None}),
     # Llama-3-instruct
     PromptFormat("llama3_chat", prefix=(S("bos"),),
@@ -203,9 +234,87 @@ FORMATS: Dict[str, PromptFormat] = {f.id: f for f in [
 ]}
 
 
-def get_format(format_id: str) -> PromptFormat:
+class ChatTemplateFormat:
+    """``prompt_format=tokenizer``: the tokenizer's own ``chat_template`` renders the conversation
+    (``apply_chat_template``). An assistant turn is learned from where the template's generation
+    prompt ends to where the template closes that turn (its end token included); a tool's result
+    inside an answer is given to the template as a ``tool`` message and is not learned."""
+
+    id = "tokenizer"
+
+    def __init__(self, tokenizer=None):
+        self.tokenizer = tokenizer
+
+    def bind(self, tokenizer) -> "ChatTemplateFormat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format=tokenizer needs a tokenizer with a chat_template; this one has none: "
+                             "name a model preset (model=...) for the family's format")
+        return ChatTemplateFormat(tokenizer)
+
+    def token_names(self) -> List[str]:
+        return []
+
+    def resolve_tokens(self, overrides=None, tokenizer=None) -> Dict[str, str]:
+        return {}
+
+    def render(self, chat: Chat, tokens: Dict[str, str], generation_prompt: bool = False,
+               marks: Optional[List[Tuple[str, int]]] = None) -> List[Piece]:
+        messages = ([{"role": "system", "content": chat.system}] if chat.system else [])
+        pieces: List[Piece] = []
+        done = 0  # characters of the full text already in pieces
+        for turn in chat.turns:
+            if turn.role == "user":
+                messages.append({"role": "user", "content": turn.content + (f"\n{turn.input}" if turn.input else "")})
+                continue
+            for i, message in enumerate(_template_messages(turn.content)):
+                if message["role"] == "tool":  # not learned: it goes with the text before the next answer
+                    messages.append(message)
+                    continue
+                cue = self._text(messages, generation_prompt=True)
+                messages.append(message)
+                through = self._text(messages)
+                if not through.startswith(cue) or cue[:done] != "".join(p.text for p in pieces):
+                    raise ValueError("the tokenizer's chat_template renders an earlier part of the conversation "
+                                     "differently once it goes on, so the answers cannot be marked: use a model "
+                                     "preset's prompt format")
+                _mark(marks, "user" if i == 0 else "tool", pieces)
+                pieces.append(Piece(cue[done:], False))
+                if i == 0:
+                    _mark(marks, "assistant", pieces)
+                pieces.append(Piece(through[len(cue):], True))
+                done = len(through)
+        if generation_prompt:
+            _mark(marks, "user", pieces)
+            pieces.append(Piece(self._text(messages, generation_prompt=True)[done:], False))
+        return [p for p in pieces if p.text]
+
+    def _text(self, messages, generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _mark(marks, role: str, pieces: List[Piece]):
+    if marks is not None:
+        marks.append((role, sum(len(p.text) for p in pieces)))
+
+
+def _template_messages(parts: List[Tuple[str, bool]]) -> List[dict]:
+    """An answer's (text, learned) parts as chat messages: a not-learned part is a tool's result."""
+    out: List[dict] = []
+    for text, learned in parts:
+        role = "assistant" if learned else "tool"
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += text
+        else:
+            out.append({"role": role, "content": text})
+    return out
+
+
+def get_format(format_id: str):
+    if format_id == ChatTemplateFormat.id:
+        return ChatTemplateFormat()
     if format_id not in FORMATS:
-        raise ValueError(f"unknown prompt_format {format_id!r}; valid: {', '.join(sorted(FORMATS))}")
+        raise ValueError(f"unknown prompt_format {format_id!r}; valid: {', '.join(sorted(FORMATS))}, tokenizer "
+                         "(the tokenizer's own chat_template)")
     return FORMATS[format_id]
 
 

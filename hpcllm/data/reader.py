@@ -13,6 +13,36 @@ if TYPE_CHECKING:
     import torch
 
 
+def read_meta(path: str) -> Optional[dict]:
+    """meta.json of a prepared directory, or None when ``path`` is not one."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_prepared(path: str, key: str, seq_len: int, tokenizer_spec: Optional[str], load=None) -> None:
+    """A prepared directory against the job, without reading its rows: the seq_len it was cut to,
+    and the tokenizer (by name, then, when the names differ, by fingerprint, loading the job's one
+    with ``load``). The message names the override that fixes it."""
+    meta = read_meta(path)
+    if meta is None:
+        return
+    if meta.get("seq_len") != seq_len:
+        raise ValueError(f"{key}={path} was prepared with seq_len={meta.get('seq_len')} but method.seq_len={seq_len}: "
+                         f"set method.seq_len={meta.get('seq_len')}, or prepare the data again with seq_len={seq_len}")
+    tok = meta.get("tokenizer") or {}
+    if tokenizer_spec is None or tok.get("name") == tokenizer_spec or load is None:
+        return
+    from hpcllm.data.tokenizer import tokenizer_hash
+
+    if tokenizer_hash(load(tokenizer_spec)) != tok.get("hash"):
+        raise ValueError(f"{key}={path} was tokenized with {tok.get('name')!r} (hash {tok.get('hash')}) but the job's "
+                         f"tokenizer is {tokenizer_spec!r}: set model.tokenizer={tok.get('name')}, or prepare the data "
+                         "again with the job's tokenizer")
+
+
 class MemmapDataset:
     """Rows of a directory written by ``prepare_memmap``; ``ds[i]`` is a dict of numpy rows."""
 
@@ -65,7 +95,8 @@ def iter_batches(ds: MemmapDataset, micro_batch_size: int, rank: int, world_size
     Micro-step k of the job consumes global rows ``[consumed_samples + k*m*w, + m*w)`` (modulo
     ``len(ds)``: the next epoch reads the same order again), and rank r takes the r-th block of
     ``m`` rows of that slice; so a job resumed with ``consumed_samples`` continues exactly.
-    Padding positions (attention_mask 0) carry ``pad_token_id``. With ``dynamic_padding`` every
+    Padding positions (attention_mask 0) carry ``pad_token_id``. Packed sft rows also carry
+    ``position_ids`` that restart at every sample (see ``lm_inputs``). With ``dynamic_padding`` every
     key is trimmed to the longest row of the batch (chosen_* and rejected_* each to their own;
     left-padded prompt data on the left).
     """
@@ -89,7 +120,8 @@ def _finish(batch, dynamic_padding, pad_token_id, left):
     out = {}
     for prefix in sorted({k[:-len("attention_mask")] for k in batch if k.endswith("attention_mask")}):
         mask = batch[prefix + "attention_mask"]
-        keys = [k for k in batch if k[:len(prefix)] == prefix and k[len(prefix):] in ("input_ids", "attention_mask", "labels")]
+        keys = [k for k in batch if k[:len(prefix)] == prefix
+                and k[len(prefix):] in ("input_ids", "attention_mask", "labels", "position_ids")]
         cols = slice(None)
         if dynamic_padding:
             used = np.flatnonzero(mask.any(axis=0))
@@ -100,3 +132,14 @@ def _finish(batch, dynamic_padding, pad_token_id, left):
             out[k] = batch[k][:, cols]
         out[prefix + "input_ids"] = np.where(out[prefix + "attention_mask"] == 1, out[prefix + "input_ids"], pad_token_id)
     return out
+
+
+def lm_inputs(batch: Dict[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
+    """The keyword arguments of a Hugging Face causal LM for a batch. Packed rows give the model
+    their ``position_ids`` and no attention mask: transformers then builds attention that does not
+    cross samples (block-diagonal causal masks for sdpa/eager, varlen flash-attention), as for
+    ``DataCollatorWithFlattening``; the padding after the last sample is a sequence of its own."""
+    if "position_ids" not in batch:
+        return {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"], "position_ids": batch["position_ids"],
+            "use_cache": False}  # a cache would switch the packed-sequence masks off

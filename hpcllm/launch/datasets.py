@@ -28,6 +28,21 @@ def memmap_paths(cfg: DictConfig, run_dir: Path) -> dict:
     return paths
 
 
+def check_prepared_sources(cfg: DictConfig) -> None:
+    """Prepared data given as data.train/eval/pretrain must fit the job: checked in the dry run."""
+    from hpcllm.data import load_tokenizer
+    from hpcllm.data.reader import check_prepared
+
+    for split in ("train", "eval", "pretrain"):
+        source = cfg.data[split]
+        if source is not None and _is_memmap(source):
+            try:
+                check_prepared(str(source), f"data.{split}", cfg.method.seq_len, cfg.model.tokenizer or cfg.model.path,
+                               load=load_tokenizer)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
 def ensure_memmaps(cfg: DictConfig, run_dir: Path) -> dict:
     """Prepare every jsonl source of the job into run_dir/data (once; a resumed run reuses it)."""
     from hpcllm.data import prepare_memmap
@@ -41,11 +56,17 @@ def ensure_memmaps(cfg: DictConfig, run_dir: Path) -> dict:
             continue
         if not Path(source).exists():
             raise ConfigError(f"data.{split}={source} does not exist: give a jsonl file/directory or a memmap_gen output")
+        if Path(paths[split]).exists():
+            raise ConfigError(f"{paths[split]} (data.{split} prepared for this run) exists but holds no meta.json: an "
+                              f"interrupted or damaged preparation. Remove it (rm -r '{paths[split]}') and launch again "
+                              "to prepare it anew, or prepare it yourself with tools/memmap_gen.py "
+                              f"input={source} output=DIR ... and set data.{split}=DIR")
         kind = "pretrain" if split == "pretrain" else cfg.method.data_kind
         prepare_memmap(
             input=str(source), output=paths[split], tokenizer_spec=cfg.model.tokenizer or cfg.model.path,
             seq_len=cfg.method.seq_len, mode=cfg.data.mode if kind == "pretrain" else "truncate",
             model_preset=OmegaConf.to_container(cfg.model, resolve=True), kind=kind, seed=cfg.seed,
             eval_fraction=cfg.data.eval_fraction if split == "train" else 0.0,
+            max_prompt_len=cfg.data.get("max_prompt_len") if kind != "pretrain" else None,
         )
     return paths

@@ -11,6 +11,7 @@ from hpcllm.config import PROJECT_ROOT, ConfigError, Derived, JobConfig, derive
 from hpcllm.config.recipes import bundled_demo_data
 from hpcllm.config.schema import FROM_PRESET_MODEL_TYPES
 from hpcllm.launch.lock import acquire
+from hpcllm.launch.datasets import check_prepared_sources
 from hpcllm.render.deepspeed import render_ds_configs
 from hpcllm.render.slurm import render_sbatch, slurm_parameters
 
@@ -38,6 +39,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     run_dir = Path(run_dir).resolve()
     cfg.run_dir = str(run_dir)
     derived = derive(cfg)
+    check_prepared_sources(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     acquire(run_dir)  # held until this process exits; its ranks share it
     check_run_dir(cfg, run_dir)

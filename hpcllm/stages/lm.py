@@ -8,13 +8,10 @@ from typing import Iterator
 from omegaconf import OmegaConf
 
 from hpcllm.config import ConfigError
-from hpcllm.data import MemmapDataset, iter_batches, tokenizer_hash
+from hpcllm.data import MemmapDataset, iter_batches, lm_inputs, tokenizer_hash
 from hpcllm.models.adapters import apply_adapter
 from hpcllm.models.build import base_model_dir, build_model, save_base_model
 from hpcllm.stages.base import Stage, StageContext
-
-LM_KEYS = ("input_ids", "attention_mask", "labels")
-
 
 def build_policy(ctx: StageContext, keep_start: bool = False):
     """The causal LM every stage starts from: weights, gradient checkpointing, adapter.
@@ -122,6 +119,6 @@ class LMStage(MemmapStage):
             micro_step += 1
 
     def loss(self, engine, batch: dict):
-        out = engine(**{k: batch[k] for k in LM_KEYS})
+        out = engine(**lm_inputs(batch))
         source = batch.get("source")
         return out.loss, ({f"loss_{source}": out.loss.item()} if source else {})

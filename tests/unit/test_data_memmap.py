@@ -239,10 +239,60 @@ def test_eval_fraction_holds_out_rows(tmp):
     assert len(rows(ev) | rows(MemmapDataset(str(tmp / "out")))) == 100
 
 
-def test_too_long_answers_are_dropped_and_counted(tmp):
-    meta = prepare(write_jsonl(tmp / "s.jsonl", [{"prompt": "word " * 100, "answer": "A"}, {"prompt": "Q", "answer": "A"}]),
-                   tmp / "out", seq_len=32)
-    assert meta["num_samples"] == 1 and meta["skipped_samples"] == {"too_long": 1} and meta["truncated_samples"] == 1
+SYSTEM_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+
+
+def rows_as_text(tok, ds, prefix=""):
+    out = []
+    for i in range(len(ds)):
+        row = ds[i]
+        ids = row[prefix + "input_ids"][row[prefix + "attention_mask"] == 1]
+        out.append((tok.decode(ids), tok.decode(row[prefix + "input_ids"][row[prefix + "labels"] != IGNORE])))
+    return out
+
+
+def test_a_too_long_prompt_is_cut_from_the_left_keeping_the_system_message(tmp, tok, capsys):
+    long_prompt = " ".join(f"w{i}" for i in range(200))
+    records = [{"prompt": long_prompt, "answer": "The answer."}, {"prompt": "Q", "answer": "A " * 100}]
+    meta = prepare(write_jsonl(tmp / "s.jsonl", records), tmp / "out", seq_len=48, seed=3)
+    texts = dict((t[1], t[0]) for t in rows_as_text(tok, MemmapDataset(str(tmp / "out"))))
+    kept = texts["The answer.<|im_end|>"]
+    assert kept.startswith(SYSTEM_HEAD) and kept.endswith("w199<|im_end|>\n<|im_start|>assistant\nThe answer.<|im_end|>\n")
+    assert "w0 " not in kept
+    long_answer = next(t for t in texts.values() if t.startswith(SYSTEM_HEAD + "<|im_start|>user\nQ<|im_end|>"))
+    assert "A A A" in long_answer and not long_answer.endswith("<|im_end|>")  # cut at its end
+    assert meta["num_samples"] == 2 and meta["skipped_samples"] == {}
+    assert (meta["truncated_samples"], meta["truncated_prompts"], meta["truncated_answers"]) == (2, 1, 1)
+    assert "2 samples truncated (prompt cut from the left in 1, answer cut at the end in 1)" in capsys.readouterr().err
+
+
+def test_max_prompt_len_caps_every_prompt(tmp, tok):
+    prompt = " ".join(f"w{i}" for i in range(30))
+    meta = prepare(write_jsonl(tmp / "s.jsonl", [{"prompt": prompt, "answer": "yes"}]), tmp / "out", seq_len=256,
+                   max_prompt_len=24)
+    ds = MemmapDataset(str(tmp / "out"))
+    labels = ds[0]["labels"]
+    first_learned = int(np.flatnonzero(labels != IGNORE)[0])
+    assert first_learned <= 24 and meta["truncated_prompts"] == 1 and meta["max_prompt_len"] == 24
+    assert rows_as_text(tok, ds)[0][0].startswith(SYSTEM_HEAD) and rows_as_text(tok, ds)[0][1] == "yes<|im_end|>"
+    with pytest.raises(ValueError, match="max_prompt_len=256: must be between 1 and seq_len-1=255"):
+        prepare(tmp / "s.jsonl", tmp / "out2", seq_len=256, max_prompt_len=256)
+
+
+def test_a_preference_pair_too_long_keeps_both_sides_by_cutting_the_shared_prompt(tmp, tok, capsys):
+    history = [r for i in range(12) for r in (["ask", f"question {i} " + "filler " * 5], ["ans", f"answer {i}"])]
+    records = [{"rounds": history + [["ask", "last question"]], "chosen": "good answer", "rejected": "bad"}] * 3
+    meta = prepare(write_jsonl(tmp / "p.jsonl", records), tmp / "out", seq_len=64)
+    ds = MemmapDataset(str(tmp / "out"))
+    assert len(ds) == 3 and meta["skipped_samples"] == {} and meta["truncated_samples"] == 3
+    (chosen, c_learned), = set(rows_as_text(tok, ds, "chosen_"))
+    (rejected, r_learned), = set(rows_as_text(tok, ds, "rejected_"))
+    assert c_learned == "good answer<|im_end|>" and r_learned == "bad<|im_end|>"
+    assert chosen.startswith(SYSTEM_HEAD) and rejected.startswith(SYSTEM_HEAD)
+    assert chosen.rsplit("assistant\n", 1)[0] == rejected.rsplit("assistant\n", 1)[0]  # the same prompt, cut alike
+    assert "last question" in chosen and "question 0 " not in chosen
+    assert chosen[len(SYSTEM_HEAD):].startswith("<|im_start|>user\nquestion ")  # the oldest turns dropped whole
+    assert "3 pairs truncated (prompt cut from the left in 3, answer cut at the end in 0)" in capsys.readouterr().err
 
 
 def test_cli(tmp):
@@ -255,6 +305,10 @@ def test_cli(tmp):
     assert meta["prompt_format"] == "chatglm2" and meta["seed"] == 7 and meta["special_tokens"]["sop"] == "sop"
     r = run("inptu=x", "output=y", "seq_len=8")
     assert r.returncode == 2 and "valid keys: input, output" in r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "Key '--help'" not in r.stdout + r.stderr
+    assert "  max_prompt_len  cap on a sample's prompt tokens" in r.stdout and "  num_workers " in r.stdout
+    assert "  seq_len         tokens a row holds (the job's method.seq_len) (default: required)" in r.stdout
 
 
 def test_ctrl_c_stops_the_workers_and_removes_the_unfinished_output(tmp):
@@ -282,3 +336,52 @@ def test_sft_split_keeps_windows_that_hold_answers(tmp, tok):
     assert all((ds[i]["labels"] != IGNORE).any() for i in range(len(ds)))
     assert sorted(tok.decode(learned).split("<|im_end|>")[:-1]) == sorted(f"answer {i}" for i in range(8))
     assert meta["truncated_samples"] == 0
+
+
+SEED_FILE = """[
+  {"type": "pretrain", "text": "Cai Xukun is a Chinese singer-songwriter."},
+  {"type": "instruct", "instruct": "Fill out the blank", "input": "loves ______", "output": "playing basketball"},
+  {"type": "instruct", "instruct": "Write a poem about rain.", "output": "Rain is falling all around"},
+  {"type": "conversation", "rounds": [["ask", "Hello"], ["ans", "Hello, what can I do for you ?"],
+      ["ask", "Who is caixukun?"], ["ask", "When was caixukun born?"], ["ans", "In the year of 1998."]]},
+  {"type": "conver_has_api", "api_desc": "search: Search the book.", "rounds": [["ask", "find love"],
+      ["ans-api", {"actions": [{"inner_thought": "use search", "api_name": "search", "api_param": "{\\"query\\": \\"love\\"}",
+                               "api_res": "Status Code: 200. Mark 12:31"}], "ans": "Mark 12:31."}]]},
+  {"type": "ref_qa", "reference": "On January 10, 2019, Kun was named ambassador.",
+   "rounds": [["ask", "When was Kun named?"], ["ans", "On January 10, 2019"]]}
+]"""
+
+
+def test_the_seeds_json_array_file_verbatim(tmp, tok):
+    (tmp / "seed.json").write_text(SEED_FILE, encoding="utf-8")
+    meta = prepare(tmp / "seed.json", tmp / "out", kind="sft", seq_len=256)
+    assert meta["num_records_used"] == 6 and meta["skipped"] == {}
+    ds = MemmapDataset(str(tmp / "out"))
+    texts = {}
+    for i in range(len(ds)):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        texts[tok.decode(ids[ds[i]["attention_mask"] == 1])] = tok.decode(ids[labels != IGNORE])
+    api = next(t for t in texts if "search" in t)
+    assert "Observation: Status Code: 200. Mark 12:31" in api and "search: Search the book." in api
+    assert texts[api] == ('Thought: use search\nAction: search\nAction Input: {"query": "love"}\n'
+                          "Mark 12:31.<|im_end|>")
+    assert any("Reference:\nOn January 10, 2019" in t for t in texts)
+    assert any("Who is caixukun?\nWhen was caixukun born?" in t for t in texts)
+
+
+def test_multi_turn_preference_pairs_from_public_formats(tmp):
+    records = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "joke?"}],
+         "chosen": {"from": "gpt", "value": "A pun."}, "rejected": {"from": "gpt", "value": "No."}},
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No."}]
+    meta = prepare(write_jsonl(tmp / "p.jsonl", records), tmp / "out", seq_len=64)
+    ds = MemmapDataset(str(tmp / "out"))
+    assert meta["kind"] == "preference" and len(ds) == 2
+    assert (ds[0]["chosen_input_ids"] == ds[1]["chosen_input_ids"]).all()  # both formats give the same sample
+
+
+def test_an_unknown_format_names_the_keys_and_the_formats(tmp):
+    with pytest.raises(DataError, match=r"q.jsonl:1: a record with keys \['question', 'reply'\] matches no known format; "
+                                        r"known: .*ShareGPT"):
+        prepare(write_jsonl(tmp / "q.jsonl", [{"question": "q", "reply": "a"}]), tmp / "out")
