@@ -1,6 +1,7 @@
 """The memmap writer: formats and kinds end to end, packing, shuffling, bad input, atomic output."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -307,8 +308,9 @@ def test_cli(tmp):
     assert r.returncode == 2 and "valid keys: input, output" in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "Key '--help'" not in r.stdout + r.stderr
-    assert "  max_prompt_len  cap on a sample's prompt tokens" in r.stdout and "  num_workers " in r.stdout
-    assert "  seq_len         tokens a row holds (the job's method.seq_len) (default: required)" in r.stdout
+    assert re.search(r"  max_prompt_len +cap on a sample's prompt tokens", r.stdout) and "  num_workers " in r.stdout
+    assert re.search(r"  trust_remote_code +run the tokenizer's own Python code", r.stdout)
+    assert re.search(r"  seq_len +tokens a row holds \(the job's method.seq_len\) \(default: required\)", r.stdout)
 
 
 def test_ctrl_c_stops_the_workers_and_removes_the_unfinished_output(tmp):
