@@ -17,6 +17,7 @@ from hpcllm.models.adapters import parameter_counts
 from hpcllm.stages.base import Stage, StageContext
 from hpcllm.train.checkpoint import COMPLETE, Checkpointer
 from hpcllm.train.engines import training_engine
+from hpcllm.train.pipeline import is_pipeline, train_batch as pipeline_train_batch
 from hpcllm.plan.formulas import arch_of, flops_per_token
 from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
 from hpcllm.train.schedule import lr_scheduler_factory
@@ -108,7 +109,9 @@ class Trainer:
     def train_step(self, batches) -> dict:
         start = time.perf_counter()
         sums, counts, tokens = defaultdict(float), defaultdict(int), 0
-        for _ in range(self.accum):
+        if is_pipeline(self.engine):  # the pipeline engine runs the step's micro batches itself
+            sums, counts, tokens = pipeline_train_batch(self, batches)
+        for _ in range(0 if is_pipeline(self.engine) else self.accum):
             batch = to_device(next(batches), self.engine.device)
             losses, extra = self.stage.loss(self.engine, batch)
             losses = self._per_engine(losses)

@@ -52,10 +52,10 @@ def test_a_remote_code_family_without_a_path_is_refused_before_launch(tmp_path):
     prepare(compose([*overrides, "dry_run=true"]), tmp_path / "dry")  # a dry run plans it, warning
 
 
-@pytest.mark.parametrize("key", ["train.tensor_parallel", "train.pipeline_parallel"])
-def test_model_parallel_sizes_are_planned_but_never_launched(tmp_path, key):
+def test_tensor_parallel_is_planned_but_never_launched(tmp_path):
+    key = "train.tensor_parallel"  # pipeline parallelism trains (tests/unit/test_pipeline.py)
     overrides = ["model=llama2_7b", "hw=a100x8", "zero=stage1", f"data.train={tmp_path}/sft.jsonl", f"{key}=2"]
-    with pytest.raises(ConfigError, match=f"{key}=2: the training loop runs data parallel"):
+    with pytest.raises(ConfigError, match=f"{key}=2: the training loop has no tensor parallelism"):
         prepare(compose(overrides), tmp_path / "run")
     assert not (tmp_path / "run").exists()
     prepare(compose([*overrides, "dry_run=true"]), tmp_path / "dry")  # the estimate still plans it
