@@ -17,7 +17,7 @@ from hpcllm.models.adapters import parameter_counts
 from hpcllm.stages.base import Stage, StageContext
 from hpcllm.train.checkpoint import COMPLETE, Checkpointer
 from hpcllm.train.engines import training_engine
-from hpcllm.train.pipeline import is_pipeline, train_batch as pipeline_train_batch
+from hpcllm.train.pipeline import is_pipeline, pipeline_parameter_counts, train_batch as pipeline_train_batch
 from hpcllm.plan.formulas import arch_of, flops_per_token
 from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
 from hpcllm.train.schedule import lr_scheduler_factory
@@ -46,6 +46,8 @@ class Trainer:
         self.state = {"step": 0, "eval_loss": None, "best_eval_loss": None, "best_checkpoint": None}
         counts = [parameter_counts(engine.module) for engine in self.engines.values()]
         self.trainable_params, self.total_params = (sum(c) for c in zip(*counts))
+        if is_pipeline(self.engine):  # each stage holds its own layers only
+            self.trainable_params, self.total_params = pipeline_parameter_counts(self.engine)
         # Model FLOPs (6N + 12LHS, active experts only) from the architecture numbers, as the estimate uses.
         self.flops_per_token = flops_per_token(arch_of(cfg.model), cfg.method.seq_len)
         peak = cfg.hw.peak_tflops_fp32 if ctx.derived.precision == "fp32" else cfg.hw.peak_tflops_16bit

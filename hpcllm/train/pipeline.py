@@ -35,6 +35,22 @@ def pipeline_model(ctx, hf_model: torch.nn.Module):
     return module
 
 
+def pipeline_parameter_counts(engine) -> tuple[int, int]:
+    """(trainable, total) parameters of the whole pipeline: the stages' counts summed over one replica
+    (the last stage's copy of tied embeddings not counted twice)."""
+    from hpcllm.distributed import all_reduce
+    from hpcllm.models.adapters import parameter_counts
+
+    module = engine.module
+    trainable, total = parameter_counts(module)
+    if module.tied_modules and engine.is_last_stage() and not engine.is_first_stage():
+        tied = sum(p.numel() for m in module.tied_modules.values() for p in m.parameters())
+        trainable, total = trainable - tied, total - tied
+    dp = engine.grid.get_data_parallel_world_size()
+    summed = all_reduce([float(trainable), float(total)])
+    return int(summed[0]) // dp, int(summed[1]) // dp
+
+
 def _pair(batch: dict):
     """A micro batch as the pipeline takes it: (first stage's inputs, last stage's labels)."""
     return (batch["input_ids"], batch["attention_mask"]), batch["labels"]
