@@ -117,3 +117,44 @@ def test_pipeline_jobs_are_validated_at_composition(tmp_path):
     with pytest.raises(ConfigError, match="train.tensor_parallel=2: the training loop has no tensor parallelism"):
         prepare(compose(["model=llama2_7b", "hw=a100x8", f"data.train={tmp_path}/sft.jsonl",
                          "train.tensor_parallel=2"]), tmp_path / "tp")
+
+
+@pytest.mark.parametrize("partition", ["parameters", "uniform", "type:DecoderPipe"])
+def test_per_stage_estimate_matches_the_built_pipelines_layers(partition):
+    """The pre-flight's per-layer parameter counts are those of the built layers, and its stage split is
+    DeepSpeed's over those counts."""
+    from deepspeed.runtime import utils as ds_utils
+
+    from hpcllm.plan.formulas import arch_of
+    from hpcllm.plan.pipeline import layer_param_counts, stage_bounds, stage_figures
+
+    cfg = compose(["zero=stage1", "train.pipeline_parallel=2", f"train.pipeline_partition={partition}",
+                   "method.micro_batch_size=2", "method.global_batch_size=4"])  # 2 micro batches per step
+    derived = derive(cfg)
+    model = _tiny("tiny_llama")
+    built = [sum(p.numel() for p in spec.build().parameters()) for spec in layer_specs(model.config)]
+    assert layer_param_counts(arch_of(cfg.model)) == built
+    if partition == "parameters":
+        assert stage_bounds(cfg.train, arch_of(cfg.model)) == ds_utils.partition_balanced(built, 2)
+    figures = stage_figures(cfg, derived)
+    bounds = stage_bounds(cfg.train, arch_of(cfg.model))
+    assert [f.params for f in figures] == [sum(built[bounds[s]:bounds[s + 1]]) for s in range(2)]
+    assert sum(f.params for f in figures) == sum(p.numel() for p in model.parameters())
+    assert figures[0].in_flight == 2 and figures[1].in_flight == 1  # 1F1B: the first stage holds the most
+
+
+def test_pipeline_stages_hold_a_fraction_of_a_7b_models_states():
+    from hpcllm.plan.formulas import arch_of, count_params
+    from hpcllm.plan.pipeline import bubble_fraction, stage_figures
+
+    cfg = compose(["model=llama2_7b", "hw=a100x8", "zero=stage1", "train.gradient_checkpointing=true",
+                   "train.pipeline_parallel=8", "train.pipeline_parts=[5,4,4,4,4,4,4,5]"])
+    eight = stage_figures(cfg, derive(cfg))
+    assert [f.layers for f in eight][:2] == [(0, 5), (5, 9)]
+    assert sum(f.params for f in eight) == count_params(arch_of(cfg.model))
+    # bf16 + ZeRO-1 over 1 replica: 2 (weights) + 2 (grads) + 16 (fp32 grads, master, Adam) bytes/param
+    # = 18.8 GB on the first stage (embedding + 4 layers), against 135 GB for the whole model on one GPU.
+    assert eight[0].states_bytes == pytest.approx(20 * eight[0].params, rel=0.01)
+    assert eight[0].in_flight == 8 and eight[-1].in_flight == 1
+    assert max(f.total_bytes for f in eight) < 20 * count_params(arch_of(cfg.model)) / 6
+    assert bubble_fraction(8, 8) == pytest.approx(7 / 15)
