@@ -56,3 +56,13 @@ def test_the_pipeline_exports_hf_weights_equal_to_the_plain_runs(runs):
     # Every stage wrote its layers into the checkpoint: embedding, 4 decoder layers, norm + head.
     layers = sorted(p.name for p in (runs / f"pipe/checkpoints/step_{STEPS:08d}").glob("layer_*"))
     assert len(layers) == 6
+
+
+def test_two_stages_by_two_replicas_match_two_data_parallel_ranks(tmp_path):
+    """4 ranks (pipe-major: ranks 0-1 stage 0, ranks 2-3 stage 1): each replica's two stages read the same
+    rows, and gradients average over the replicas as with plain data parallelism on 2 ranks."""
+    job = ("method=sft", "train.max_steps=3", "method.seq_len=64", "method.micro_batch_size=2",
+           "method.global_batch_size=8", "zero=stage1", "train.export=false")
+    launch(tmp_path / "pipe", *job, "hw.gpus_per_node=4", "train.pipeline_parallel=2")
+    launch(tmp_path / "dp", *job, "hw.gpus_per_node=2")
+    assert _losses(tmp_path / "pipe") == pytest.approx(_losses(tmp_path / "dp"), rel=1e-5, abs=1e-5)
