@@ -28,11 +28,10 @@ def pipeline_model(ctx, hf_model: torch.nn.Module):
     same values a non-pipeline run of the same seed starts from)."""
     train = ctx.cfg.train
     parts = list(train.pipeline_parts) if train.pipeline_parts is not None else None
-    module = build_pipeline_module(hf_model.config, hf_model.state_dict(), num_stages=train.pipeline_parallel,
-                                   partition=train.pipeline_partition, parts=parts,
-                                   checkpoint_layers=train.gradient_checkpointing, seed=ctx.cfg.seed,
-                                   dynamic_shape=ctx.cfg.data.dynamic_padding)
-    return module
+    return build_pipeline_module(hf_model.config, hf_model.state_dict(), num_stages=train.pipeline_parallel,
+                                 partition=train.pipeline_partition, parts=parts,
+                                 checkpoint_layers=train.gradient_checkpointing, seed=ctx.cfg.seed,
+                                 dynamic_shape=ctx.cfg.data.dynamic_padding)
 
 
 def pipeline_parameter_counts(engine) -> tuple[int, int]:
