@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 
-from e2e_helpers import launch, launch_and_stop_at, load_safetensors, train_records
+from e2e_helpers import launch, launch_and_stop_at, load_safetensors, metrics, train_records
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 6
 # 2 micro batches of 2 rows per step on both: the pipe (2 stages x 1 replica) and the plain run (1 rank).
 JOB = ("method=sft", f"train.max_steps={STEPS}", "method.seq_len=64", "method.micro_batch_size=2",
-       "method.global_batch_size=4", "zero=stage1", "train.save_every=3", "train.keep_last=3")
+       "method.global_batch_size=4", "zero=stage1", "train.save_every=3", "train.keep_last=3",
+       "train.eval_every=3", "data.eval_fraction=0.05", "train.eval_batches=2")
 PIPE = (*JOB, "hw.gpus_per_node=2", "train.pipeline_parallel=2", "train.pipeline_partition=uniform")
 PLAIN = (*JOB, "hw.gpus_per_node=1")
 
@@ -41,6 +42,8 @@ def test_two_stages_give_the_losses_of_the_plain_run_across_a_resume(runs):
     assert pipe[-1] < pipe[0]
     record = train_records(runs / "pipe")[-1]
     assert record["grad_norm"] > 0 and record["tokens_per_sec_per_gpu"] > 0
+    evals = [[m["eval_loss"] for m in metrics(runs / name) if "eval_loss" in m] for name in ("pipe", "plain")]
+    assert len(evals[0]) >= 2 and evals[0][-2:] == pytest.approx(evals[1][-2:], rel=1e-5)  # eval_batch
     info = json.loads((runs / "pipe/run_info.json").read_text())
     assert info["total_params"] == json.loads((runs / "plain/run_info.json").read_text())["total_params"]
 
