@@ -122,6 +122,36 @@ def _compatibility(cfg: DictConfig) -> None:
         raise ConfigError(
             f"zero={zero.name} (stage {zero.stage}) cannot partition gradients across pipeline stages: "
             "with train.pipeline_parallel > 1 use zero=stage0 or stage1")
+    if train.pipeline_parallel > 1:
+        _pipeline(cfg)
+
+
+def _pipeline(cfg: DictConfig) -> None:
+    """What a pipeline-parallel job (train.pipeline_parallel > 1) needs: a pipelined family, a full-weight
+    language-model method, a known partition and as many pipeline layers as stages."""
+    from hpcllm.models.pipeline import PARTITION_METHODS, pipeline_refusal
+
+    model, method, train = cfg.model, cfg.method, cfg.train
+    refusal = pipeline_refusal(model)
+    if refusal:
+        raise ConfigError(refusal)
+    if method.stage != "lm" or method.adapter != "none":
+        raise ConfigError(f"method={method.name} cannot train with train.pipeline_parallel={train.pipeline_parallel}: "
+                          "the pipeline trains all weights of a pretrain/sft model (no adapters, reward, DPO or PPO); "
+                          "use method=pretrain or sft, or train.pipeline_parallel=1")
+    partition = train.pipeline_partition
+    if partition not in PARTITION_METHODS and not partition.startswith("type:"):
+        raise ConfigError(f"train.pipeline_partition={partition!r} is not one of parameters, uniform, type:REGEX")
+    layers = model.num_layers + (3 if model.tie_embeddings else 2)
+    if train.pipeline_parallel > layers:
+        raise ConfigError(f"train.pipeline_parallel={train.pipeline_parallel} exceeds the {layers} pipeline layers of "
+                          f"model={model.name}: lower train.pipeline_parallel")
+    parts = train.pipeline_parts
+    if parts is not None and (len(parts) != train.pipeline_parallel or sum(parts) != layers or min(parts) < 1):
+        raise ConfigError(f"train.pipeline_parts={list(parts)} must give train.pipeline_parallel="
+                          f"{train.pipeline_parallel} positive layer counts summing to model={model.name}'s "
+                          f"{layers} pipeline layers (embedding + {model.num_layers} decoder layers + "
+                          f"{'final norm + tied head' if model.tie_embeddings else 'final norm and head'})")
 
 
 def _alignment(cfg: DictConfig) -> None:

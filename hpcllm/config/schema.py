@@ -268,9 +268,17 @@ class TrainConfig:
     # as an unpartitioned build with the same seed).
     zero_init: bool = True
     attention: Attention = Attention.sdpa  # sdpa | eager | flash_attention_2
-    # Planned by the estimate (dry runs); a real launch with either > 1 is refused: the loop is data-parallel (ZeRO).
+    # Planned by the estimate (dry runs); a real launch with tensor_parallel > 1 is refused (the loop has no TP).
     tensor_parallel: int = 1
+    # Pipeline stages (DeepSpeed PipelineModule, llama/qwen2/mistral); data parallel = world / stages.
     pipeline_parallel: int = 1
+    # How the pipeline's layers (embedding, each decoder layer, final norm + head) split over the stages:
+    # parameters (balanced parameter counts) | uniform (equal layer counts) | type:REGEX (balance layers
+    # whose class matches, e.g. type:DecoderPipe).
+    pipeline_partition: str = "parameters"
+    # Explicit layers per stage overriding pipeline_partition, e.g. [5, 4, 4, 4, 4, 4, 4, 5] for llama-7b's
+    # 34 pipeline layers on 8 stages; must sum to num_layers + 2 (+3 with tied embeddings).
+    pipeline_parts: Optional[List[int]] = None
     min_free_disk_gb: float = 1.0
     export: bool = True
 

@@ -62,12 +62,11 @@ def launch_refusals(cfg: DictConfig) -> list[str]:
     if not model.path and model.hf_model_type not in FROM_PRESET_MODEL_TYPES:
         refusals.append(f"model={model.name} ({model.hf_model_type}) ships its own code, which hpcllm cannot "
                         "build from the preset's numbers: set model.path=DIR to its local weights and code")
-    parallel = {"train.tensor_parallel": cfg.train.tensor_parallel, "train.pipeline_parallel": cfg.train.pipeline_parallel}
-    for key, size in parallel.items():
-        if size > 1:  # planned by the estimate only: the loop is data-parallel (ZeRO); never start and crash
-            refusals.append(f"{key}={size}: the training loop runs data parallel with ZeRO only, so {key} > 1 "
-                            "is planned by the pre-flight but cannot train yet: set it to 1 and use zero=stage3 "
-                            "(or stage3_offload) to split a model that does not fit one GPU")
+    if cfg.train.tensor_parallel > 1:  # planned by the estimate only: never start and crash
+        refusals.append(f"train.tensor_parallel={cfg.train.tensor_parallel}: the training loop has no tensor "
+                        "parallelism, so train.tensor_parallel > 1 is planned by the pre-flight but cannot train: "
+                        "set it to 1 and use train.pipeline_parallel=N (llama/qwen2/mistral) or zero=stage3 "
+                        "(or stage3_offload) to split a model that does not fit one GPU")
     return refusals
 
 

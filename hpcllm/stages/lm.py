@@ -74,8 +74,10 @@ class MemmapStage(Stage):
         return self.ctx.cfg.method.micro_batch_size * self.ctx.derived.data_parallel_size
 
     def _iter(self, ds: MemmapDataset, micro_step: int) -> Iterator[dict]:
-        return iter_batches(ds, self.ctx.cfg.method.micro_batch_size, self.ctx.dist.rank,
-                            self.ctx.derived.data_parallel_size, consumed_samples=micro_step * self.rows_per_micro_step,
+        dp = self.ctx.derived.data_parallel_size
+        # This rank's data-parallel index: with pipeline stages (pipe-major ranks) the stages of one pipe share it.
+        return iter_batches(ds, self.ctx.cfg.method.micro_batch_size, self.ctx.dist.rank % dp, dp,
+                            consumed_samples=micro_step * self.rows_per_micro_step,
                             dynamic_padding=self.ctx.cfg.data.dynamic_padding,
                             pad_token_id=self.ctx.tokenizer.pad_token_id if self.ctx.tokenizer is not None else 0)
 
@@ -97,6 +99,10 @@ class LMStage(MemmapStage):
     def __init__(self, ctx: StageContext) -> None:
         super().__init__(ctx)
         self.model = build_policy(ctx)
+        if ctx.cfg.train.pipeline_parallel > 1:
+            from hpcllm.train.pipeline import pipeline_model
+
+            self.model = pipeline_model(ctx, self.model)
         ratio = ctx.cfg.data.pretrain_ratio
         # derive() checked at composition that the ratio is in [0, 1) and data.pretrain is set.
         self.pretrain_ds = open_dataset(ctx, "pretrain", ("pretrain",)) if ratio > 0 else None
@@ -119,6 +125,18 @@ class LMStage(MemmapStage):
             micro_step += 1
 
     def loss(self, engine, batch: dict):
+        if self.ctx.cfg.train.pipeline_parallel > 1:  # only evaluation asks (the pipeline trains whole steps)
+            from hpcllm.train.pipeline import eval_loss
+
+            return eval_loss(engine, batch), {}
         out = engine(**lm_inputs(batch))
         source = batch.get("source")
         return out.loss, ({f"loss_{source}": out.loss.item()} if source else {})
+
+    def export(self, engine, out_dir) -> None:
+        if self.ctx.cfg.train.pipeline_parallel > 1:
+            from hpcllm.train import pipeline
+
+            pipeline.export(self, engine, out_dir)
+            return
+        super().export(engine, out_dir)

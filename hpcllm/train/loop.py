@@ -19,6 +19,7 @@ from hpcllm.stages.base import Stage, StageContext
 from hpcllm.train import resume as resume_rules
 from hpcllm.train.checkpoint import COMPLETE, Checkpointer, complete_checkpoints
 from hpcllm.train.engines import training_engine
+from hpcllm.train.pipeline import is_pipeline, pipeline_parameter_counts, train_batch as pipeline_train_batch
 from hpcllm.plan.formulas import arch_of, flops_per_token
 from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
 from hpcllm.train.schedule import lr_scheduler_factory
@@ -48,6 +49,8 @@ class Trainer:
                       "consumed_samples": 0, "max_steps": self.max_steps}
         counts = [parameter_counts(engine.module) for engine in self.engines.values()]
         self.trainable_params, self.total_params = (sum(c) for c in zip(*counts))
+        if is_pipeline(self.engine):  # each stage holds its own layers only
+            self.trainable_params, self.total_params = pipeline_parameter_counts(self.engine)
         # Model FLOPs (6N + 12LHS, active experts only) from the architecture numbers, as the estimate uses.
         self.flops_per_token = flops_per_token(arch_of(cfg.model), cfg.method.seq_len)
         peak = cfg.hw.peak_tflops_fp32 if ctx.derived.precision == "fp32" else cfg.hw.peak_tflops_16bit
@@ -114,7 +117,9 @@ class Trainer:
     def train_step(self, batches) -> dict:
         start = time.perf_counter()
         sums, counts, tokens = defaultdict(float), defaultdict(int), 0
-        for _ in range(self.accum):
+        if is_pipeline(self.engine):  # the pipeline engine runs the step's micro batches itself
+            sums, counts, tokens = pipeline_train_batch(self, batches)
+        for _ in range(0 if is_pipeline(self.engine) else self.accum):
             batch = to_device(next(batches), self.engine.device)
             losses, extra = self.stage.loss(self.engine, batch)
             losses = self._per_engine(losses)
