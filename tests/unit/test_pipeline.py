@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from hpcllm.config import ConfigError, compose, derive
-from hpcllm.launch.job import prepare
+from hpcllm.launch.job import launch_refusals
 from hpcllm.models.build import build_model
 from hpcllm.models.pipeline import (causal_lm_loss, hf_to_layer_states, layer_specs, layer_state_from_hf,
                                     hf_prefixes, parts_boundaries, pp_to_hf_state, save_layer_files)
@@ -113,10 +113,12 @@ def test_pipeline_jobs_are_validated_at_composition(tmp_path):
     with pytest.raises(ConfigError, match="zero=stage3"):
         derive(compose([*base, "zero=stage3"]))
     # Accepted pipeline jobs now launch; tensor parallelism is still refused before anything runs.
-    prepare(compose([*base, f"data.train={tmp_path}/sft.jsonl"]), tmp_path / "pp")
-    with pytest.raises(ConfigError, match="train.tensor_parallel=2: the training loop has no tensor parallelism"):
-        prepare(compose(["model=llama2_7b", "hw=a100x8", f"data.train={tmp_path}/sft.jsonl",
-                         "train.tensor_parallel=2"]), tmp_path / "tp")
+    pipe = compose([*base, f"data.train={tmp_path}/sft.jsonl"])
+    derive(pipe)
+    assert launch_refusals(pipe) == []
+    tp = compose(["model=llama2_7b", "hw=a100x8", f"data.train={tmp_path}/sft.jsonl", "train.tensor_parallel=2"])
+    derive(tp)
+    assert any("train.tensor_parallel=2: the training loop has no tensor parallelism" in r for r in launch_refusals(tp))
 
 
 @pytest.mark.parametrize("partition", ["parameters", "uniform", "type:DecoderPipe"])
