@@ -20,7 +20,10 @@ def jobs():
 
     def get(*overrides):
         if overrides not in cache:
-            cache[overrides] = compose(list(overrides))
+            # The formulas are checked at the batch and lengths each test names; model.recipe=demo keeps
+            # the rest fixed (micro batch x data-parallel size, no accumulation) whatever the published recipes say.
+            cache[overrides] = compose(["model.recipe=demo", *overrides])
+            derive(cache[overrides])  # fills the method's values as every job's config.yaml has them
         return copy.deepcopy(cache[overrides])
     return get
 

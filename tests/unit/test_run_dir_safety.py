@@ -167,10 +167,10 @@ def launch(run_dir, *overrides):
                            *overrides], cwd=ROOT, capture_output=True, text=True, timeout=180)
 
 
-def write_memmap_meta(path, sha="a" * 64):
+def write_memmap_meta(path, sha="a" * 64, seq_len=128):
     path.mkdir(parents=True, exist_ok=True)
     (path / "meta.json").write_text(json.dumps({
-        "inputs": [{"path": "/corpus.jsonl", "sha256": sha}], "tokenizer": {"hash": "t1"}, "seq_len": 128,
+        "inputs": [{"path": "/corpus.jsonl", "sha256": sha}], "tokenizer": {"name": "demo", "hash": "t1"}, "seq_len": seq_len,
         "kind": "sft", "mode": "truncate", "num_samples": 100, "seed": 1234}))
 
 
@@ -233,7 +233,7 @@ def test_resume_with_another_model_or_data_is_refused_naming_the_key(finished_ru
     run_dir, memmap = finished_run
     before = snapshot(run_dir)
     other = tmp_path / "other_memmap"
-    write_memmap_meta(other)
+    write_memmap_meta(other, seq_len=64)  # data that fits the new seq_len: the resume check is what refuses
     out = launch(run_dir, f"data.train={other}", "method.seq_len=64", "train.max_steps=20", "dry_run=true")
     assert out.returncode != 0
     assert f"data.train: '{memmap}' -> '{other}'" in out.stderr and "method.seq_len: 128 -> 64" in out.stderr
