@@ -129,4 +129,4 @@ class LMStage(MemmapStage):
     def loss(self, engine, batch: dict):
         out = engine(**{k: batch[k] for k in LM_KEYS})
         source = batch.get("source")
-        return out.loss, ({f"loss_{source}": out.loss.item()} if source else {})
+        return out.loss, ({f"loss_{source}": out.loss.detach()} if source else {})
