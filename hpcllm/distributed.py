@@ -96,6 +96,8 @@ def all_reduce(values: list, op: str = "sum") -> list[float]:
     import torch
     import torch.distributed as tdist
 
+    if not values:
+        return []
     device = _device()
     tensor = torch.stack([torch.as_tensor(v, device=device).detach().to(torch.float64).reshape(()) for v in values])
     if tdist.is_available() and tdist.is_initialized():

@@ -99,7 +99,9 @@ def _wait_all(run_dir: Path, ranks: list[RankProcess]) -> int:
         codes = [r.poll() for r in ranks]
         if any(c not in (None, 0, STOPPED_EXIT_CODE) for c in codes):
             _end_peers(run_dir, ranks)
-            return _exit_code(first_failure(run_dir, ranks)[1].proc.returncode)
+            first = first_failure(run_dir, ranks)[1]
+            own = [r for r in (first, *ranks) if r.proc.returncode not in (0, STOPPED_EXIT_CODE) and not r.ended_by_launcher]
+            return _exit_code(own[0].proc.returncode)
         if all(c is not None for c in codes):
             return STOPPED_EXIT_CODE if STOPPED_EXIT_CODE in codes else 0
         time.sleep(0.2)
@@ -132,7 +134,9 @@ def first_failure(run_dir: Path, ranks: list[RankProcess]) -> tuple[dict | None,
     """(failure record, rank) of the rank that failed first: by the time its error was raised, where the
     rank recorded it (hpcllm.train.watchdog), else by the time the launcher saw it exit."""
     records = {f["rank"]: f for f in read_failures(run_dir)}
-    failed = [r for r in ranks if r.proc.returncode not in (None, 0, STOPPED_EXIT_CODE) and not r.ended_by_launcher]
+    # A rank ended by the launcher counts only with a record: it may have failed first, then hung in teardown.
+    failed = [r for r in ranks if r.rank in records
+              or (r.proc.returncode not in (None, 0, STOPPED_EXIT_CODE) and not r.ended_by_launcher)]
     rank = min(failed, key=lambda r: records[r.rank]["time"] if r.rank in records else r.exited_at)
     return records.get(rank.rank), rank
 

@@ -94,7 +94,7 @@ class Watchdog:
         # Often enough that a frozen peer shows up well within the timeout, rarely enough to cost nothing.
         self.interval_s = min(30.0, max(0.5, self.timeout_s / 12))
         self.started = time.time()
-        self.step, self.phase, self.last_progress = 0, "starting", time.time()
+        self.step, self.phase, self._progress_at = 0, "starting", time.monotonic()  # monotonic: immune to clock steps
         self._stopped = threading.Event()
         self._thread = None
 
@@ -103,11 +103,15 @@ class Watchdog:
         return self.timeout_s > 0
 
     def progress(self, step: int, phase: str = "training") -> None:
-        self.step, self.phase, self.last_progress = step, phase, time.time()
+        self.step, self.phase, self._progress_at = step, phase, time.monotonic()
+
+    @property
+    def idle_s(self) -> float:
+        return time.monotonic() - self._progress_at
 
     def start(self) -> "Watchdog":
         if self.enabled and self._thread is None:
-            self.started = self.last_progress = time.time()
+            self.started, self._progress_at = time.time(), time.monotonic()
             faulthandler.register(signal.SIGQUIT, all_threads=True)
             self.dir.mkdir(parents=True, exist_ok=True)
             self._heartbeat()
@@ -132,28 +136,34 @@ class Watchdog:
     # -- the thread ------------------------------------------------------------------------------
     def _watch(self) -> None:
         while not self._stopped.wait(self.interval_s):
-            self._heartbeat()
-            if time.time() - self.last_progress > self.timeout_s:
+            try:
+                self._heartbeat()
+            except OSError:
+                pass  # a full or vanished disk must not end the watch itself
+            if self.idle_s > self.timeout_s:
                 self._fire()
 
     def _heartbeat(self) -> None:
+        now = time.time()
         _write_json(self.dir / f"rank{self.rank}.json", {
             "rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step,
-            "phase": self.phase, "last_progress": self.last_progress, "heartbeat": time.time(),
+            "phase": self.phase, "last_progress": now - self.idle_s, "heartbeat": now,
             "started": self.started, "interval_s": self.interval_s})
 
     def _fire(self) -> None:
-        stalled = self.stalled_ranks()
-        minutes = self.timeout_s / 60
-        summary = (f"no step progress for {minutes:.2g} min (train.hang_timeout_min={minutes:.2g}); "
-                   f"stopped progressing: {'; '.join(stalled)}")
-        print(f"hpcllm: watchdog on rank {self.rank} ({socket.gethostname()}, pid {os.getpid()}): {summary}.\n"
-              f"hpcllm: Python stacks of rank {self.rank} follow; exiting with code {HANG_EXIT_CODE}",
-              file=sys.stderr, flush=True)
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        sys.stderr.flush()
-        record_failure(self.run_dir, self.rank, summary, kind="hang")
-        os._exit(HANG_EXIT_CODE)  # the main thread is stuck: nothing else would end the process
+        try:
+            stalled = self.stalled_ranks()
+            minutes = self.timeout_s / 60
+            summary = (f"no step progress for {minutes:.2g} min (train.hang_timeout_min={minutes:.2g}); "
+                       f"stopped progressing: {'; '.join(stalled)}")
+            print(f"hpcllm: watchdog on rank {self.rank} ({socket.gethostname()}, pid {os.getpid()}): {summary}.\n"
+                  f"hpcllm: Python stacks of rank {self.rank} follow; exiting with code {HANG_EXIT_CODE}",
+                  file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            sys.stderr.flush()
+            record_failure(self.run_dir, self.rank, summary, kind="hang")
+        finally:
+            os._exit(HANG_EXIT_CODE)  # the main thread is stuck: nothing else would end the process
 
     def stalled_ranks(self) -> list[str]:
         """The ranks whose last progress is older than the timeout, the likeliest culprits first: frozen

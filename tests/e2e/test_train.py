@@ -202,3 +202,20 @@ def test_the_same_run_directory_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [m["step"] for m in train_records(tmp_path)] == [1, 2, 3]
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_sparse_logging_averages_each_window_and_a_stop_waits_for_a_check_step(tmp_path):
+    """log_every=8: one record (and one all-reduce) per 8 steps; stop_check_every=3: a stop signal is agreed
+    on at the next multiple of 3 or of 8, checkpointed there, and the resumed run logs the same steps."""
+    run_dir = tmp_path / "sparse"
+    overrides = ("train.max_steps=24", "method.seq_len=64", "train.log_every=8", "train.stop_check_every=3",
+                 "train.export=false")
+    assert launch_and_stop_at(run_dir, 8, *overrides) == 3
+    stopped_at = int(sorted((run_dir / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
+    assert 8 < stopped_at < 24 and (stopped_at % 3 == 0 or stopped_at % 8 == 0)
+    assert [m["step"] for m in train_records(run_dir)] == list(range(8, stopped_at + 1, 8))
+    out = launch(run_dir, *overrides).stdout
+    assert f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:08d}" in out
+    records = train_records(run_dir)
+    assert [m["step"] for m in records] == [8, 16, 24]
+    assert all(m["step_time_s"] > 0 and 0 < m["mfu"] < 1 and m["consumed_samples"] == m["step"] * 4 for m in records)
