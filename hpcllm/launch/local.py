@@ -46,24 +46,10 @@ class RankProcess:
 
 def run_local(run_dir: Path, world_size: int, accelerator: str) -> int:
     """Start every rank of the job as `python -m hpcllm.launch.worker RUN_DIR`; return the exit code."""
-    logs = run_dir / "logs"
-    logs.mkdir(exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
     shutil.rmtree(ranks_dir(run_dir), ignore_errors=True)  # an earlier launch's progress and failures
-    port = free_port()
-    die_with_launcher = _die_with(os.getpid())
-    ranks = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
-                   PYTHONUNBUFFERED="1")  # a log ends with the rank's last words, even when it is killed
-        if accelerator == "cpu":
-            env["DS_ACCELERATOR"] = "cpu"
-        log = None if rank == 0 else logs / f"rank{rank}.log"
-        out = open(log, "w") if log else None
-        proc = subprocess.Popen([sys.executable, "-m", "hpcllm.launch.worker", str(run_dir)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT if out else None, preexec_fn=die_with_launcher)
-        ranks.append(RankProcess(rank, proc, log))
+    port, die_with_launcher = free_port(), _die_with(os.getpid())
+    ranks = [_start_rank(run_dir, rank, world_size, port, accelerator, die_with_launcher) for rank in range(world_size)]
     # A stop signal to the launcher (Ctrl-C, a time limit) reaches every rank, which checkpoints.
     previous = {sig: signal.signal(sig, lambda s, _f: [r.proc.send_signal(s) for r in ranks if r.poll() is None])
                 for sig in FORWARDED_SIGNALS}
@@ -75,6 +61,22 @@ def run_local(run_dir: Path, world_size: int, accelerator: str) -> int:
     if code not in (0, STOPPED_EXIT_CODE):
         print(failure_report(run_dir, ranks), file=sys.stderr, flush=True)
     return code
+
+
+def _start_rank(run_dir: Path, rank: int, world_size: int, port: int, accelerator: str, preexec) -> RankProcess:
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+               LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")  # a log ends with the rank's last words, even when it is killed
+    if accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    command = [sys.executable, "-m", "hpcllm.launch.worker", str(run_dir)]
+    if rank == 0:
+        return RankProcess(rank, subprocess.Popen(command, env=env, preexec_fn=preexec), None)
+    log = run_dir / "logs" / f"rank{rank}.log"
+    with open(log, "w") as out:  # the child keeps its own copy of the file
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec)
+    return RankProcess(rank, proc, log)
 
 
 def _die_with(launcher_pid: int):
