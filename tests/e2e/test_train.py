@@ -122,6 +122,23 @@ def test_wandb_offline_run_is_written(runs):
     assert offline and offline[0].stat().st_size > 0
 
 
+def test_mfu_counts_the_flops_the_estimate_counts(runs):
+    """Freeze: layers below the trainable ones run no backward, which the estimate and MFU both count."""
+    import json
+
+    from hpcllm.plan.formulas import arch_of, flops_per_token
+
+    run_dir = runs("freeze", *FREEZE)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["flops_per_token"] == json.loads((run_dir / "estimate.json").read_text())["flops_per_token"]
+    cfg = compose(["method=freeze", "method.seq_len=64"])
+    assert info["flops_per_token"] < flops_per_token(arch_of(cfg.model), 64)  # less than a full backward
+    record = train_records(run_dir)[-1]
+    achieved = record["tokens_per_sec_per_gpu"] * info["flops_per_token"]
+    assert record["tflops_per_gpu"] == pytest.approx(achieved / 1e12, rel=1e-2)
+    assert record["mfu"] == pytest.approx(achieved / (cfg.hw.peak_tflops_fp32 * 1e12), rel=1e-2)
+
+
 def test_ptuning_trains_only_the_prefix(runs):
     import json
 
