@@ -177,13 +177,13 @@ class Watchdog:
             idle = now - record["last_progress"]
             if idle < self.timeout_s and rank != self.rank:
                 continue
-            where = f"rank {rank} on {record['host']} (pid {record['pid']}, step {record['step']}, {record['phase']}"
+            where, at = f"rank {rank} on {record['host']} (pid {record['pid']}", f"step {record['step']}, {record['phase']}"
             silent = now - record["heartbeat"]
             if record["phase"] == "finished":
-                entries.append((1, record["step"], f"{where}): left the job"))
+                entries.append((1, record["step"], f"{where}, {at}): left the job"))
             elif rank != self.rank and silent > FROZEN_AFTER_HEARTBEATS * record["interval_s"]:
-                entries.append((0, record["step"], f"{where}): process not responding for {silent:.0f} s "
-                                                   "(stopped, or stuck without releasing the GIL)"))
+                entries.append((0, record["step"], f"{where}): process not responding for {silent:.0f} s (stopped, "
+                                                   f"or stuck without releasing the GIL; last heard of at {at})"))
             else:
-                entries.append((2, record["step"], f"{where}): alive, no progress for {idle:.0f} s"))
+                entries.append((2, record["step"], f"{where}, {at}): alive, no progress for {idle:.0f} s"))
         return [text for *_, text in sorted(entries, key=lambda e: e[:2])]

@@ -1,6 +1,7 @@
 """The hang watchdog, failure records and the local launcher's report, with real processes but no
 DeepSpeed (the 2-rank runs are in tests/e2e/test_failures.py)."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -42,8 +43,9 @@ def test_watchdog_dumps_the_stacks_and_exits_naming_the_frozen_rank_first(tmp_pa
     assert proc.returncode == HANG_EXIT_CODE
     assert time.time() - started < 30
     err = proc.stderr
-    assert "no step progress for 0.02 min (train.hang_timeout_min=0.02); stopped progressing: rank 1 on node7 " \
-           "(pid 4242, step 4, training): process not responding" in err
+    assert re.search(r"no step progress for 0.02 min \(train.hang_timeout_min=0.02\); stopped progressing: rank 1 on "
+                     r"node7 \(pid 4242\): process not responding for 10\d s \(stopped, or stuck without releasing "
+                     r"the GIL; last heard of at step 4, training\)", err), err
     assert "rank 0 on" in err.split("stopped progressing:")[1] and "alive, no progress" in err
     assert "waiting_in_a_collective" in err and "most recent call first" in err  # faulthandler's stacks
     [failure] = read_failures(tmp_path)
