@@ -90,12 +90,16 @@ def _device():
     return get_accelerator().current_device_name()
 
 
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Reduce a few Python floats across ranks (on the device the backend needs)."""
+def all_reduce(values: list, op: str = "sum") -> list[float]:
+    """Reduce a few numbers across ranks in one collective (on the device the backend needs). The values
+    may be Python floats or 0-d tensors still on the device: reading the result is the only host sync."""
     import torch
     import torch.distributed as tdist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    if not values:
+        return []
+    device = _device()
+    tensor = torch.stack([torch.as_tensor(v, device=device).detach().to(torch.float64).reshape(()) for v in values])
     if tdist.is_available() and tdist.is_initialized():
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM if op == "sum" else tdist.ReduceOp.MAX)
     return tensor.tolist()

@@ -122,6 +122,10 @@ def _compatibility(cfg: DictConfig) -> None:
         raise ConfigError(
             f"zero={zero.name} (stage {zero.stage}) cannot partition gradients across pipeline stages: "
             "with train.pipeline_parallel > 1 use zero=stage0 or stage1")
+    if not train.hang_timeout_min >= 0:
+        raise ConfigError(f"train.hang_timeout_min={train.hang_timeout_min} must be >= 0 (0 turns the watchdog off)")
+    if train.stop_check_every < 1:
+        raise ConfigError(f"train.stop_check_every={train.stop_check_every} must be at least 1 (steps)")
     if train.pipeline_parallel > 1:
         _pipeline(cfg)
 

@@ -281,6 +281,13 @@ class TrainConfig:
     pipeline_parts: Optional[List[int]] = None
     min_free_disk_gb: float = 1.0
     export: bool = True
+    # Hang watchdog: no training step for this many minutes (a stuck collective, a stopped rank) and
+    # every rank dumps its Python stacks to its log, the job exits with code 124 naming the ranks that
+    # stopped progressing. Fractions are fine (0.5 = 30 s); 0 turns it off.
+    hang_timeout_min: float = 30.0
+    # Stop signals (Slurm's pre-limit USR2, SIGTERM, Ctrl-C) are agreed between the ranks at log steps
+    # and every this many steps: each check is an all-reduce, a host sync on a GPU.
+    stop_check_every: int = 10
 
 
 @dataclass

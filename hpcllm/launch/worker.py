@@ -8,6 +8,7 @@ from pathlib import Path
 from hpcllm import distributed
 from hpcllm.launch.job import load_config
 from hpcllm.launch.lock import RunDirLocked, RunLock, acquire
+from hpcllm.train.watchdog import failure_recorded
 
 
 def run_task(run_dir: str) -> str:
@@ -44,5 +45,6 @@ def _run_lock(run_dir: Path, dist: distributed.DistEnv) -> RunLock | None:
 
 
 if __name__ == "__main__":
-    status = run_task(sys.argv[1])
+    with failure_recorded(sys.argv[1]):  # when and why, so the launcher can name the rank that failed first
+        status = run_task(sys.argv[1])
     sys.exit(0 if status == "completed" else 3)

@@ -81,7 +81,8 @@ class Stage:
         return None
 
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
-        """The scalar loss to backpropagate and extra metrics (floats) to average and log."""
+        """The scalar loss to backpropagate and extra metrics to average and log: floats, or 0-d tensors
+        left on the device (the loop sums those there, without waiting for the GPU each micro batch)."""
         raise NotImplementedError
 
     def tokens(self, batch: dict) -> int:

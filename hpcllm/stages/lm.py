@@ -131,7 +131,7 @@ class LMStage(MemmapStage):
             return eval_loss(engine, batch), {}
         out = engine(**lm_inputs(batch))
         source = batch.get("source")
-        return out.loss, ({f"loss_{source}": out.loss.item()} if source else {})
+        return out.loss, ({f"loss_{source}": out.loss.detach()} if source else {})
 
     def export(self, engine, out_dir) -> None:
         if self.ctx.cfg.train.pipeline_parallel > 1:

@@ -6,28 +6,43 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from hpcllm.config import ConfigError
-from hpcllm.distributed import all_reduce
 from hpcllm.models.adapters import parameter_counts
+from hpcllm.plan.estimate import estimate
 from hpcllm.stages.base import Stage, StageContext
 from hpcllm.train import resume as resume_rules
 from hpcllm.train.checkpoint import COMPLETE, Checkpointer, complete_checkpoints
 from hpcllm.train.engines import training_engine
+from hpcllm.train.metrics import MetricsLogger, MetricWindow, peak_memory_gb
 from hpcllm.train.pipeline import is_pipeline, pipeline_parameter_counts, train_batch as pipeline_train_batch
-from hpcllm.plan.formulas import arch_of, flops_per_token
-from hpcllm.train.metrics import MetricsLogger, peak_memory_gb
 from hpcllm.train.schedule import lr_scheduler_factory
 from hpcllm.train.stop import StopFlag
+from hpcllm.train.watchdog import Watchdog
 
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work (no-op on CPU), so that wall time measures it."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().synchronize()
+
+
+@dataclass
+class Throughput:
+    """This rank's trained tokens and step seconds since the last log step."""
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
 
 
 class Trainer:
@@ -44,15 +59,19 @@ class Trainer:
         self.checkpointer = Checkpointer(ctx.run_dir / "checkpoints", ctx.dist.rank, cfg.train.keep_last,
                                          cfg.train.keep_best, cfg.train.min_free_disk_gb, self._records())
         self.metrics = MetricsLogger(cfg, ctx.run_dir, ctx.dist.is_main)
+        self.window, self.throughput = MetricWindow(), Throughput()
         self.stop = StopFlag()
+        self.watchdog = Watchdog(ctx.run_dir, ctx.dist.rank, ctx.derived.world_size, cfg.train.hang_timeout_min)
         self.state = {"step": 0, "eval_loss": None, "best_eval_loss": None, "best_checkpoint": None,
                       "consumed_samples": 0, "max_steps": self.max_steps}
         counts = [parameter_counts(engine.module) for engine in self.engines.values()]
         self.trainable_params, self.total_params = (sum(c) for c in zip(*counts))
         if is_pipeline(self.engine):  # each stage holds its own layers only
             self.trainable_params, self.total_params = pipeline_parameter_counts(self.engine)
-        # Model FLOPs (6N + 12LHS, active experts only) from the architecture numbers, as the estimate uses.
-        self.flops_per_token = flops_per_token(arch_of(cfg.model), cfg.method.seq_len)
+        # The FLOPs the pre-flight estimate counts per token (6N + 12LHS with the frozen share, recomputation
+        # under gradient checkpointing, PPO's generated tokens and critic, DPO's reference forward), so that
+        # the logged MFU and the estimate's step time speak of the same work.
+        self.flops_per_token = estimate(cfg, ctx.derived, ctx.run_dir, with_remedies=False).flops_per_token
         peak = cfg.hw.peak_tflops_fp32 if ctx.derived.precision == "fp32" else cfg.hw.peak_tflops_16bit
         self.peak_flops = peak * 1e12
         self._announce()
@@ -83,87 +102,113 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> str:
-        """Train to max_steps; returns "completed", or "stopped" after checkpointing on a stop signal."""
-        self.resume()
-        if self.state["step"] >= self.max_steps:
-            return self._already_complete()
+        """Train to max_steps; returns "completed", or "stopped" after checkpointing on a stop signal.
+        The hang watchdog covers resuming, the steps, saving and export; metrics and wandb are closed
+        however this returns or raises."""
+        with self.metrics, self.watchdog:
+            self.watchdog.progress(self.state["step"], "resuming")
+            self.resume()
+            if self.state["step"] >= self.max_steps:
+                return self._already_complete()
+            if self._steps() == "stopped":
+                return "stopped"
+            self.watchdog.progress(self.state["step"], "saving the final checkpoint")
+            self.save()
+            if self.train_cfg.export:
+                self.watchdog.progress(self.state["step"], "exporting")
+                self.stage.export(self.engine, self.ctx.run_dir / "final")
+            return "completed"
+
+    def _steps(self) -> str:
+        """Optimizer steps up to max_steps, with logging, eval and periodic checkpoints between them; returns
+        "stopped" after saving, at the first step where the ranks agree that a stop signal came."""
         batches = self.stage.train_batches(self._first_micro_step())
         interactive = self.ctx.dist.is_main and sys.stdout.isatty()
-        progress = tqdm(total=self.max_steps, initial=self.state["step"], unit="step", disable=not interactive)
-        while self.state["step"] < self.max_steps:
-            if self.stop.agreed():
-                progress.close()
-                self.save()
-                self.metrics.close()
-                return "stopped"
-            metrics = self.train_step(batches)
-            self.state["step"] += 1
-            self.state["consumed_samples"] += self.ctx.derived.global_batch_size
-            progress.update()
-            step = self.state["step"]
-            if step % self.train_cfg.log_every == 0 or step == self.max_steps:
-                self.metrics.log(step, metrics)
-            if self.train_cfg.eval_every and step % self.train_cfg.eval_every == 0:
-                self.evaluate()
-            if self.train_cfg.save_every and step % self.train_cfg.save_every == 0 and step < self.max_steps:
-                self.save()
-        progress.close()
-        self.save()
-        if self.train_cfg.export:
-            self.stage.export(self.engine, self.ctx.run_dir / "final")
-        self.metrics.close()
+        train = self.train_cfg
+        with tqdm(total=self.max_steps, initial=self.state["step"], unit="step", disable=not interactive) as bar:
+            while self.state["step"] < self.max_steps:
+                step = self.state["step"] + 1
+                log_step = step % train.log_every == 0 or step == self.max_steps
+                self.train_step(batches, sync=log_step)
+                self.state["step"] = step
+                self.state["consumed_samples"] += self.ctx.derived.global_batch_size
+                bar.update()
+                self.watchdog.progress(step)
+                if self._between_steps(step, log_step):
+                    return "stopped"
         return "completed"
 
-    def train_step(self, batches) -> dict:
+    def _between_steps(self, step: int, log_step: bool) -> bool:
+        """Log, poll for a stop, evaluate and checkpoint as due after ``step``; True once stopped and saved.
+        The only collectives here: one all-reduce on log steps (the metrics and the stop flag together) and
+        a one-number one every ``train.stop_check_every`` steps."""
+        train = self.train_cfg
+        if log_step:
+            stop = self.log(step)
+        else:
+            stop = step % train.stop_check_every == 0 and self.stop.agreed()
+        stopping = stop and step < self.max_steps  # a stop on the last step just completes
+        if train.eval_every and step % train.eval_every == 0:
+            self.watchdog.progress(step, "evaluating")
+            self.evaluate()
+        if stopping or (train.save_every and step % train.save_every == 0 and step < self.max_steps):
+            self.watchdog.progress(step, "saving a checkpoint")
+            self.save()
+        return stopping
+
+    def train_step(self, batches, sync: bool = True) -> None:
+        """One optimizer step over ``accum`` micro batches. Losses and a stage's tensor metrics stay on the
+        device, summed into the metric window; ``sync`` (log steps) waits for the device so that the
+        window's seconds are the device's."""
         start = time.perf_counter()
-        sums, counts, tokens = defaultdict(float), defaultdict(int), 0
         if is_pipeline(self.engine):  # the pipeline engine runs the step's micro batches itself
-            sums, counts, tokens = pipeline_train_batch(self, batches)
+            loss, tokens = pipeline_train_batch(self, batches)
+            self.window.add({"loss": loss})
+            self.throughput.tokens += tokens
         for _ in range(0 if is_pipeline(self.engine) else self.accum):
-            batch = to_device(next(batches), self.engine.device)
+            batch = next(batches)
+            self.throughput.tokens += self.stage.tokens(batch)  # before the copy: memmap batches are on the host
+            batch = to_device(batch, self.engine.device)
             losses, extra = self.stage.loss(self.engine, batch)
             losses = self._per_engine(losses)
             for name, loss in losses.items():
                 self.engines[name].backward(loss)
                 self.engines[name].step()
-            for key, value in {"loss": sum(loss.item() for loss in losses.values()), **extra}.items():
-                sums[key] += value
-                counts[key] += 1
-            tokens += self.stage.tokens(batch)
-        elapsed = time.perf_counter() - start
-        metrics = self._reduce_means(sums, counts)
-        world = self.ctx.derived.world_size
-        tokens_per_sec = all_reduce([tokens / elapsed])[0] / world
-        grad_norm = self.engine.get_global_grad_norm()
+            self.window.add({"loss": sum(loss.detach() for loss in losses.values()), **extra})
+        if sync:
+            synchronize()
+        self.throughput.seconds += time.perf_counter() - start
+        self.throughput.steps += 1
+
+    def log(self, step: int) -> bool:
+        """Log the window's metrics (means over its micro batches and all ranks); returns whether any rank
+        received a stop signal, agreed in the same all-reduce."""
+        pace, world, batch = self.throughput, self.ctx.derived.world_size, self.ctx.derived.global_batch_size
+        metrics, totals = self.window.reduce({"tokens_per_sec": pace.tokens / pace.seconds,
+                                              "step_time_s": pace.seconds / pace.steps, "stop": self.stop.raised})
+        self.throughput = Throughput()
+        tokens_per_sec, step_time = totals["tokens_per_sec"] / world, totals["step_time_s"] / world
         for name, engine in self.extra_engines.items():
-            norm = engine.get_global_grad_norm()
-            metrics.update({f"{name}_lr": float(engine.get_lr()[0]),
-                            f"{name}_grad_norm": float(norm) if norm is not None else float("nan")})
+            metrics.update({f"{name}_lr": float(engine.get_lr()[0]), f"{name}_grad_norm": _norm(engine)})
         metrics.update(
             lr=float(self.engine.get_lr()[0]),
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            grad_norm=_norm(self.engine),
             tokens_per_sec_per_gpu=tokens_per_sec,
-            samples_per_sec=self.ctx.derived.global_batch_size / elapsed,
+            samples_per_sec=batch / step_time,
             tflops_per_gpu=tokens_per_sec * self.flops_per_token / 1e12,
             mfu=tokens_per_sec * self.flops_per_token / self.peak_flops,
-            step_time_s=elapsed,
+            step_time_s=step_time,
             memory_gb=peak_memory_gb(),
-            consumed_samples=self.state["consumed_samples"] + self.ctx.derived.global_batch_size,
-            epoch=(self.state["consumed_samples"] + self.ctx.derived.global_batch_size)
-            / self.stage.samples_per_epoch(),
+            consumed_samples=self.state["consumed_samples"],
+            epoch=self.state["consumed_samples"] / self.stage.samples_per_epoch(),
         )
-        return metrics
+        self.metrics.log(step, metrics)
+        return totals["stop"] > 0
 
     @staticmethod
     def _per_engine(losses) -> dict:
         """A stage's loss, or its dict of losses per trained engine (see Stage.extra_trained)."""
         return losses if isinstance(losses, dict) else {"model": losses}
-
-    @staticmethod
-    def _reduce_means(sums: dict, counts: dict) -> dict:
-        keys = sorted(sums)
-        reduced = all_reduce([sums[k] for k in keys] + [float(counts[k]) for k in keys])
-        return {k: reduced[i] / max(1.0, reduced[len(keys) + i]) for i, k in enumerate(keys)}
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
@@ -171,15 +216,13 @@ class Trainer:
         if not batches:
             return None
         self.engine.eval()
-        sums, counts = defaultdict(float), defaultdict(int)
+        window = MetricWindow()
         for batch in batches:
             losses, extra = self.stage.loss(self.engine, to_device(batch, self.engine.device))
             losses = self._per_engine(losses)
-            for key, value in {"loss": sum(loss.item() for loss in losses.values()), **extra}.items():
-                sums[f"eval_{key}"] += value
-                counts[f"eval_{key}"] += 1
+            window.add({f"eval_{k}": v for k, v in {"loss": sum(losses.values()), **extra}.items()})
         self.engine.train()
-        metrics = self._reduce_means(sums, counts)
+        metrics, _ = window.reduce()
         metrics.update(self.stage.eval_summary(metrics))
         self.state["eval_loss"] = metrics["eval_loss"]
         self.metrics.log(self.state["step"], metrics)
@@ -247,5 +290,9 @@ class Trainer:
         if self.ctx.dist.is_main:
             print(f"hpcllm: {self.ctx.run_dir} is complete (step {step} of {self.max_steps}); nothing to train "
                   "(a larger train.max_steps continues it)", flush=True)
-        self.metrics.close()
         return "completed"
+
+
+def _norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

@@ -8,7 +8,6 @@ size + data-parallel index): the first and last stage of one pipe read the same 
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -55,16 +54,14 @@ def _pair(batch: dict):
     return (batch["input_ids"], batch["attention_mask"]), batch["labels"]
 
 
-def train_batch(trainer, batches) -> tuple[dict, dict, int]:
-    """One optimizer step over the step's micro batches; the loop's (sums, counts, tokens) of them.
-    Every rank draws the step's batches (so tokens/s and the data position agree on all stages); the
-    pipeline reads them on its first and last stage."""
+def train_batch(trainer, batches) -> tuple[torch.Tensor, int]:
+    """One optimizer step over the step's micro batches: (the step's mean loss, this rank's share of its
+    tokens). Every rank draws the step's batches (so tokens/s and the data position agree on all stages);
+    the pipeline reads them on its first and last stage."""
     micro = [next(batches) for _ in range(trainer.accum)]
     loss = trainer.engine.train_batch(iter([_pair(b) for b in micro]))  # the step's mean loss, on every rank
-    sums, counts = defaultdict(float), defaultdict(int)
-    sums["loss"], counts["loss"] = float(loss) * len(micro), len(micro)
     tokens = sum(trainer.stage.tokens(b) for b in micro)
-    return sums, counts, tokens // trainer.ctx.cfg.train.pipeline_parallel  # each pipe's stages share the rows
+    return loss.detach(), tokens // trainer.ctx.cfg.train.pipeline_parallel  # each pipe's stages share the rows
 
 
 def eval_loss(engine, batch: dict) -> torch.Tensor:

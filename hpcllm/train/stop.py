@@ -1,7 +1,9 @@
 """Stop signals: Slurm's pre-time-limit signal, preemption (SIGTERM), Ctrl-C on a local run.
 
 The handler only sets a flag; the loop checks it at a step boundary, where every rank agrees
-(all-reduce) to save a checkpoint and return, so no rank is left waiting in a collective.
+(all-reduce) to save a checkpoint and return, so no rank is left waiting in a collective. Agreeing
+costs a collective, so the loop does it at log steps (in the metrics' all-reduce) and every
+``train.stop_check_every`` steps, not every step.
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
 
+    @property
+    def raised(self) -> float:
+        """1.0 once this rank received a stop signal: summed over ranks, non-zero means stop."""
+        return 0.0 if self.signal is None else 1.0
+
     def agreed(self) -> bool:
-        """True on every rank once any rank has received a stop signal."""
-        return all_reduce([1.0 if self.signal is not None else 0.0], op="max")[0] > 0
+        """True on every rank once any rank has received a stop signal (collective)."""
+        return all_reduce([self.raised], op="max")[0] > 0

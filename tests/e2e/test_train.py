@@ -191,6 +191,23 @@ def test_wandb_offline_run_is_written(runs):
     assert sorted(logged) == sorted(m["step"] for m in metrics(run_dir))
 
 
+def test_mfu_counts_the_flops_the_estimate_counts(runs):
+    """Freeze: layers below the trainable ones run no backward, which the estimate and MFU both count."""
+    import json
+
+    from hpcllm.plan.formulas import arch_of, flops_per_token
+
+    run_dir = runs("freeze", *FREEZE)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["flops_per_token"] == json.loads((run_dir / "estimate.json").read_text())["flops_per_token"]
+    cfg = compose(["method=freeze", "method.seq_len=64"])
+    assert info["flops_per_token"] < flops_per_token(arch_of(cfg.model), 64)  # less than a full backward
+    record = train_records(run_dir)[-1]
+    achieved = record["tokens_per_sec_per_gpu"] * info["flops_per_token"]
+    assert record["tflops_per_gpu"] == pytest.approx(achieved / 1e12, rel=1e-2)
+    assert record["mfu"] == pytest.approx(achieved / (cfg.hw.peak_tflops_fp32 * 1e12), rel=1e-2)
+
+
 def test_ptuning_trains_only_the_prefix(runs):
     import json
 
@@ -308,3 +325,20 @@ def test_a_finished_run_is_left_alone_and_a_damaged_checkpoint_is_skipped(runs, 
                                                        for p in (run_dir / "checkpoints").iterdir())
     assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
     assert json.loads((run_dir / "config_changes.jsonl").read_text())["resumed_at_step"] == resumed_at
+
+
+def test_sparse_logging_averages_each_window_and_a_stop_waits_for_a_check_step(tmp_path):
+    """log_every=8: one record (and one all-reduce) per 8 steps; stop_check_every=3: a stop signal is agreed
+    on at the next multiple of 3 or of 8, checkpointed there, and the resumed run logs the same steps."""
+    run_dir = tmp_path / "sparse"
+    overrides = ("train.max_steps=24", "method.seq_len=64", "train.log_every=8", "train.stop_check_every=3",
+                 "train.export=false")
+    assert launch_and_stop_at(run_dir, 8, *overrides) == 3
+    stopped_at = int(sorted((run_dir / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
+    assert 8 < stopped_at < 24 and (stopped_at % 3 == 0 or stopped_at % 8 == 0)
+    assert [m["step"] for m in train_records(run_dir)] == list(range(8, stopped_at + 1, 8))
+    out = launch(run_dir, *overrides).stdout
+    assert f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:08d}" in out
+    records = train_records(run_dir)
+    assert [m["step"] for m in records] == [8, 16, 24]
+    assert all(m["step_time_s"] > 0 and 0 < m["mfu"] < 1 and m["consumed_samples"] == m["step"] * 4 for m in records)
