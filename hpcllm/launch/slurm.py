@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from hpcllm.launch.job import PreparedJob, write_text_atomic
-from hpcllm.render.slurm import render_sbatch, slurm_parameters, submitit_folder
+from hpcllm.render.slurm import python_command, render_sbatch, slurm_parameters, submitit_folder
 
 JOBS_DB = Path(os.environ.get("HPCLLM_JOBS_DB", Path.home() / ".cache" / "hpcllm" / "jobs.jsonl"))
 
@@ -92,8 +92,9 @@ class Submitted:
     jobs: list = field(default_factory=list)
 
 
-def _executor(params: dict, run_dir: Path, max_requeue: int) -> submitit.SlurmExecutor:
-    executor = submitit.SlurmExecutor(folder=submitit_folder(str(run_dir)), max_num_timeout=max_requeue)
+def _executor(params: dict, run_dir: Path, cfg: DictConfig) -> submitit.SlurmExecutor:
+    executor = submitit.SlurmExecutor(folder=submitit_folder(str(run_dir)), max_num_timeout=cfg.cluster.max_requeue,
+                                      python=python_command(cfg))
     executor.update_parameters(**params)
     return executor
 
@@ -109,9 +110,9 @@ def _submit_one(job: PreparedJob, dependency: str | None = None) -> submitit.Job
         # A stage whose predecessor failed is cancelled rather than left pending forever.
         params["dependency"] = dependency
         params["additional_parameters"] = dict(params["additional_parameters"], **{"kill-on-invalid-dep": "yes"})
-        write_text_atomic(job.run_dir / "job.sbatch", render_sbatch(params, str(job.run_dir)))
+        write_text_atomic(job.run_dir / "job.sbatch", render_sbatch(params, str(job.run_dir), python_command(job.cfg)))
     max_requeue = job.cfg.cluster.max_requeue
-    slurm_job = _executor(params, job.run_dir, max_requeue).submit(TrainTask(str(job.run_dir), max_requeue))
+    slurm_job = _executor(params, job.run_dir, job.cfg).submit(TrainTask(str(job.run_dir), max_requeue))
     _record(slurm_job.job_id, job.run_dir, job.cfg)
     return slurm_job
 
@@ -124,10 +125,11 @@ def _submit_array(jobs: list[PreparedJob], folder: Path) -> list[submitit.Job]:
     params = dict(slurm_parameters(jobs[0].cfg, jobs[0].derived, str(folder)),
                   array_parallelism=cluster.array_parallelism)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / "job.sbatch", render_sbatch(dict(params, map_count=len(jobs)), str(folder)))
+    write_text_atomic(folder / "job.sbatch", render_sbatch(dict(params, map_count=len(jobs)), str(folder),
+                                                          python_command(jobs[0].cfg)))
     for job in jobs:
         ensure_memmaps(job.cfg, job.run_dir)
-    executor = _executor(params, folder, cluster.max_requeue)
+    executor = _executor(params, folder, jobs[0].cfg)
     with executor.batch():
         slurm_jobs = [executor.submit(TrainTask(str(job.run_dir), cluster.max_requeue)) for job in jobs]
     for slurm_job, job in zip(slurm_jobs, jobs):
