@@ -188,18 +188,21 @@ class ClusterConfig:
     array_parallelism: int = 16
     job_name: str = "hpcllm"
     port_base: int = 20000  # master port = port_base + job_id % 20000
-    # -- the site: what a shared cluster needs beyond the #SBATCH request ----------------------
-    cpu_bind: str = "none"  # srun --cpu-bind: none | cores | sockets | ldoms (NUMA) | map_cpu:/mask_cpu:/map_ldom:<list>
-    setup: List[str] = field(default_factory=list)  # shell lines run first (module load, venv/conda activation, exports)
-    python: Optional[str] = None  # interpreter the ranks run; None = the submitting one, "python" = first on PATH after setup
-    container_image: Optional[str] = None  # pyxis/enroot: srun --container-image (e.g. nvcr.io#nvidia/pytorch:24.05-py3)
-    container_mounts: List[str] = field(default_factory=list)  # SRC:DST[:ro]; the run dir and project are added
+    # -- the site: what a shared cluster needs beyond the #SBATCH request (README "Running on your cluster")
+    # srun --cpu-bind: none | cores | sockets | ldoms (NUMA) | map_cpu:/mask_cpu:/map_ldom:/mask_ldom:<list>
+    cpu_bind: str = "none"
+    setup: List[str] = field(default_factory=list)  # shell lines run first: module load, venv/conda, exports
+    # The ranks' interpreter; None = the submitting one ("python" inside a container), "python" = first on PATH
+    python: Optional[str] = None
+    container_image: Optional[str] = None  # pyxis/enroot --container-image, e.g. nvcr.io#nvidia/pytorch:24.05-py3
+    container_mounts: List[str] = field(default_factory=list)  # SRC:DST[:ro]; the run directory is added
     container_workdir: Optional[str] = None
     srun_args: List[str] = field(default_factory=list)  # any other srun flag, e.g. ["--gpu-bind=closest"]
     wckey: Optional[str] = None
-    test_only: bool = True  # pre-flight: `sbatch --test-only` the rendered job and refuse what the site rejects
-    runs_root: Optional[str] = None  # where run directories go (a scratch filesystem); env HPCLLM_RUNS
-    dist_timeout_min: float = 10.0  # joining the process group and any one collective; a rank missing that long fails the job
+    test_only: bool = True  # pre-flight: `sbatch --test-only` the rendered job, refuse what the site rejects
+    runs_root: Optional[str] = None  # where run directories go (a scratch filesystem); else env HPCLLM_RUNS
+    # Joining the process group and every collective; a rank missing this long fails the job, named.
+    dist_timeout_min: float = 10.0
     health_check: bool = False  # before the model loads: all-reduce correctness and bandwidth, written to health.json
 
 

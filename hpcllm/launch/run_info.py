@@ -65,8 +65,8 @@ def attempt_record(records: list[dict]) -> dict:
     hosts = list(dict.fromkeys(record["host"] for record in records))
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "slurm_job_id": env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID')}"
-        or env.get("SLURM_JOB_ID"),
+        "slurm_job_id": (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env
+                         else env.get("SLURM_JOB_ID")),
         "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
         "node_list": env.get("SLURM_JOB_NODELIST") or ",".join(hosts),
         "hosts": hosts,
