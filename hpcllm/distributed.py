@@ -77,16 +77,16 @@ class JoinTimeout(RuntimeError):
     """Not every rank joined the process group within cluster.dist_timeout_min."""
 
 
-def _expected_host(rank: int) -> str:
-    """Where Slurm placed a rank (block distribution, the default), for naming a rank that never joined."""
+def _expected_hosts() -> list[str] | None:
+    """Where Slurm placed each rank (block distribution, the default), to name ranks that never joined."""
     env = os.environ
     try:
         hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
                                text=True, check=True, timeout=30).stdout.split()
         per_node = int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
-        return f" (expected on {hosts[rank // per_node]})"
-    except (KeyError, ValueError, IndexError, OSError, subprocess.SubprocessError):
-        return ""
+    except (KeyError, ValueError, OSError, subprocess.SubprocessError):
+        return None
+    return [host for host in hosts for _ in range(per_node)]
 
 
 def _store(dist: DistEnv, timeout: timedelta):
@@ -126,11 +126,7 @@ def _verdict(store, keys: list[str], timeout_min: float) -> str:
     except Exception:  # torch raises DistStoreError (a RuntimeError) on timeout
         joined = {rank: json.loads(store.get(key)).get("host", "?") for rank, key in enumerate(keys)
                   if store.check([key])}
-        missing = [rank for rank in range(len(keys)) if rank not in joined]
-        verdict = (f"{len(joined)} of {len(keys)} ranks joined within {timeout_min:g} min (cluster.dist_timeout_min): "
-                   "joined " + ", ".join(f"rank {r} on {h}" for r, h in joined.items()) +
-                   "; never joined " + ", ".join(f"rank {r}{_expected_host(r)}" for r in missing) +
-                   ". Look at those ranks' logs: a node that cannot start Python or reach rank 0's host is the usual cause")
+        verdict = missing_ranks(joined, len(keys), timeout_min, _expected_hosts() or [])
     store.set("hpcllm/verdict", verdict)
     if verdict:  # keep the store up until the ranks that joined have read it
         acks = [f"hpcllm/read/{rank}" for rank in range(1, len(keys)) if store.check([keys[rank]])]
@@ -139,6 +135,18 @@ def _verdict(store, keys: list[str], timeout_min: float) -> str:
         except Exception:
             pass
     return verdict
+
+
+def missing_ranks(joined: dict[int, str], world_size: int, timeout_min: float, expected: list[str]) -> str:
+    """"2 of 3 ranks joined ...: joined rank 0 on node1, ...; never joined rank 2 (expected on node2)"."""
+    def where(rank: int) -> str:
+        return f" (expected on {expected[rank]})" if rank < len(expected) else ""
+
+    missing = [f"rank {rank}{where(rank)}" for rank in range(world_size) if rank not in joined]
+    return (f"{len(joined)} of {world_size} ranks joined within {timeout_min:g} min (cluster.dist_timeout_min): "
+            f"joined {', '.join(f'rank {r} on {h}' for r, h in sorted(joined.items()))}; "
+            f"never joined {', '.join(missing)}. Look at those ranks' logs: a node that cannot start Python "
+            "or reach rank 0's host is the usual cause")
 
 
 def _await_verdict(store, dist: DistEnv, timeout: timedelta) -> str:

@@ -17,12 +17,12 @@ export HPCLLM_NODE_TMP=$${TMPDIR:-/tmp}/hpcllm-$$SLURM_JOB_ID
 export TORCH_EXTENSIONS_DIR=$$HPCLLM_NODE_TMP/torch_extensions
 export TRITON_CACHE_DIR=$$HPCLLM_NODE_TMP/triton
 export HF_MODULES_CACHE=$$HPCLLM_NODE_TMP/hf_modules
-export TMPDIR=$$HPCLLM_NODE_TMP/tmp
 # Rendezvous: first host of the allocation, and a port derived from the job id so that two jobs
 # sharing a node never collide. Each task reads its rank from SLURM_PROCID (hpcllm.distributed).
 export MASTER_ADDR=$$(scontrol show hostnames "$$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$$(( ${port_base} + SLURM_JOB_ID % 20000 ))
 # Once per node: NCCL segments left in /dev/shm by killed jobs make the next job on the node fail at
-# init; the node-local scratch above is created.
-srun --ntasks-per-node=1 --ntasks=$$SLURM_JOB_NUM_NODES --overlap bash -c 'find /dev/shm -maxdepth 1 -user "$$(id -un)" -name "nccl-*" -mmin +10 -delete 2>/dev/null; mkdir -p "$$TMPDIR"; true' || true
+# init; the node-local scratch above is created (before TMPDIR names it: each srun step needs it to exist).
+srun --ntasks-per-node=1 --ntasks=$$SLURM_JOB_NUM_NODES --overlap bash -c 'find /dev/shm -maxdepth 1 -user "$$(id -un)" -name "nccl-*" -mmin +10 -delete 2>/dev/null; mkdir -p "$$HPCLLM_NODE_TMP/tmp"; true' || true
+export TMPDIR=$$HPCLLM_NODE_TMP/tmp
 echo "hpcllm job $$SLURM_JOB_ID on $$SLURM_JOB_NODELIST: master $$MASTER_ADDR:$$MASTER_PORT, run dir $$HPCLLM_RUN_DIR"

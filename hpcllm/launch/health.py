@@ -54,7 +54,7 @@ def rank_record(rank: int, local_rank: int, accelerator: str, run_dir: str | Pat
         "cpus_per_task": int(env["SLURM_CPUS_PER_TASK"]) if env.get("SLURM_CPUS_PER_TASK") else None,
         "omp_threads": int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None,
         "shm_free_gb": _free_gb("/dev/shm"), "run_dir_free_gb": _free_gb(run_dir),
-        "node_tmp": env.get("HPCLLM_NODE_TMP"),
+        "node_tmp": env.get("HPCLLM_NODE_TMP"), "caches": {name: env.get(name) for name in NODE_DIRS},
     }
 
 

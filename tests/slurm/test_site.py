@@ -3,6 +3,7 @@ node-local caches, the health check and run_info.json, and the pre-flight's `sba
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -47,7 +48,12 @@ def test_site_setup_runs_first_and_caches_are_node_local(site_job):
     log = _log(run_dir, job_id, 0)
     assert log.index("site setup ran on") < log.index(f"hpcllm job {job_id} on")
     ranks = json.loads((run_dir / "health.json").read_text())["ranks"]
-    assert {r["node_tmp"] for r in ranks} == {f"/tmp/hpcllm-{job_id}"}
+    node_tmp = f"/tmp/hpcllm-{job_id}"
+    assert {r["node_tmp"] for r in ranks} == {node_tmp}
+    for record in ranks:
+        assert all(path.startswith(node_tmp + "/") for path in record["caches"].values()), record["caches"]
+    # Removed at the end of the job (both "nodes" of the local cluster share this machine's /tmp).
+    assert not os.path.exists(node_tmp)
     for rank, record in enumerate(ranks):
         assert f"rank {rank} joined on host {record['host']}" in _log(run_dir, job_id, rank)
 

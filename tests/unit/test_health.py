@@ -55,6 +55,12 @@ def test_a_rank_that_never_joins_fails_the_job_fast_naming_who_joined_and_who_di
         assert "joined rank 0 on node1, rank 1 on node2; never joined rank 2" in errors[r]
 
 
+def test_ranks_that_never_joined_are_named_with_the_node_slurm_gave_them():
+    message = distributed.missing_ranks({0: "node1", 1: "node1"}, 4, 10, ["node1", "node1", "node2", "node2"])
+    assert message.startswith("2 of 4 ranks joined within 10 min (cluster.dist_timeout_min): joined rank 0 on node1, "
+                              "rank 1 on node1; never joined rank 2 (expected on node2), rank 3 (expected on node2).")
+
+
 def test_a_worker_whose_rank_0_never_starts_names_the_master(monkeypatch):
     port = free_port()
     with pytest.raises(JoinTimeout, match=rf"rank 1 on host .* could not reach rank 0 at 127.0.0.1:{port}"):

@@ -250,13 +250,13 @@ def test_line_breaks_and_bad_names_are_refused_naming_the_key(case, tmp_path):
 def test_nccl_defaults_defer_to_the_site(tmp_path):
     """hw.nccl_env renders `export X=${X:-value}`: a value the site or user exported wins."""
     cfg = compose(["cluster=slurm", "hw=a100x8"])
-    cfg.hw.nccl_env = {"NCCL_SOCKET_IFNAME": "^lo,docker", "NCCL_IB_HCA": "mlx5 $(x)"}
+    cfg.hw.nccl_env = {"NCCL_SOCKET_IFNAME": "^lo,docker", "NCCL_IB_HCA": "mlx5 $(x) 'q' }"}
     text = render_sbatch(slurm_parameters(cfg, derive(cfg), str(tmp_path)), str(tmp_path), python="python")
     assert "export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-'^lo,docker'}" in text
     shown = 'echo "[$NCCL_SOCKET_IFNAME][$NCCL_IB_HCA]"'
-    assert "[^lo,docker][mlx5 $(x)]" in _run_script(text, tmp_path, shown).stdout
+    assert "[^lo,docker][mlx5 $(x) 'q' }]" in _run_script(text, tmp_path, shown).stdout
     site = _run_script("export NCCL_SOCKET_IFNAME=ib0\n" + text, tmp_path, shown)
-    assert "[ib0][mlx5 $(x)]" in site.stdout
+    assert "[ib0][mlx5 $(x) 'q' }]" in site.stdout
 
 
 def test_secrets_never_reach_rendered_files(tmp_path, monkeypatch):
