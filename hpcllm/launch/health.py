@@ -148,7 +148,7 @@ def capture_nccl_init(run_dir: str | Path, rank: int) -> None:
 def nccl_transport(log: str) -> str | None:
     """One line from NCCL's INFO output: the network between nodes and the paths within one.
 
-    e.g. "network IB (mlx5_0:1/IB, mlx5_1:1/IB); within a node P2P/IPC" or "network Socket (eth0)"."""
+    e.g. "network IB (mlx5_0:1/IB, mlx5_1:1/RoCE); channels via NET/IB, P2P/IPC" or "network Socket (eth0)"."""
     network = re.search(r"Using network (\S+)", log)
     devices = re.search(r"NET/(\w+) ?: Using (.+?)(?: ;|$)", log, re.M)
     paths = sorted(set(re.findall(r" via (P2P/\S+|SHM\S*|NET/\S+?)(?:/\d+)?(?:\s|$)", log)))
@@ -184,6 +184,7 @@ def join_checked(cfg, run_dir: str | Path, dist) -> list[dict]:
 
     accelerator = cfg.hw.accelerator
     make_node_dirs()
+    (Path(run_dir) / "logs").mkdir(exist_ok=True)  # the NCCL flight recorder dumps there on a timeout
     if accelerator == "cuda":
         capture_nccl_init(run_dir, dist.rank)
     record = rank_record(dist.rank, dist.local_rank, accelerator, run_dir)
