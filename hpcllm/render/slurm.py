@@ -93,7 +93,11 @@ def setup_lines(cfg: DictConfig, run_dir: str) -> list[str]:
 
 
 def teardown_lines() -> list[str]:
-    return ['srun --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES --overlap rm -rf "$HPCLLM_NODE_TMP" || true']
+    """Remove the node-local scratch on every node; the job still ends with the ranks' exit status
+    (Slurm's FAILED or COMPLETED), not the clean-up's."""
+    return ["ranks_status=$?",
+            'srun --ntasks-per-node=1 --ntasks=$SLURM_JOB_NUM_NODES --overlap rm -rf "$HPCLLM_NODE_TMP" || true',
+            "exit $ranks_status"]
 
 
 def cpus_per_task(cfg: DictConfig) -> int:

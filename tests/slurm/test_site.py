@@ -77,3 +77,5 @@ def test_preflight_reports_what_the_site_would_reject(launch, tmp_path):
     assert not job_ids(proc.stdout) and not (tmp_path / "slurm").exists()
     dry = launch(*TINY, "hw.nodes=3", f"hydra.run.dir={tmp_path}", "dry_run=true")
     assert dry.returncode == 0 and "[dry run] would be refused: the cluster would reject" in dry.stdout
+    warned = launch(*TINY, "hw.nodes=3", f"hydra.run.dir={tmp_path}", "dry_run=true", "preflight=warn")
+    assert warned.returncode == 0 and "hpcllm: warning: the cluster would reject" in warned.stdout

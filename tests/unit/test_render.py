@@ -168,6 +168,15 @@ def test_site_setup_container_and_srun_flags_render_as_asked():
     assert 'rm -rf "$HPCLLM_NODE_TMP"' in text.split("# teardown")[1]
 
 
+def test_the_job_ends_with_the_ranks_exit_status_after_its_clean_up(tmp_path):
+    """The teardown removes the node-local scratch, but a failed srun of the ranks must still fail the
+    job (Slurm's FAILED state, afterok dependencies): the script exits with the ranks' status."""
+    _, text = site_sbatch(["cluster=slurm"])
+    failing = 'srun() { case "$*" in *submitit*) return 3;; *rm\ -rf*) echo CLEANED;; esac; }\n'
+    out = _run_script(failing + text, tmp_path, "echo NOT REACHED")
+    assert out.returncode == 3 and "CLEANED" in out.stdout and "NOT REACHED" not in out.stdout
+
+
 def test_python_follows_cluster_python(tmp_path):
     import sys
 
