@@ -172,9 +172,9 @@ def test_the_job_ends_with_the_ranks_exit_status_after_its_clean_up(tmp_path):
     """The teardown removes the node-local scratch, but a failed srun of the ranks must still fail the
     job (Slurm's FAILED state, afterok dependencies): the script exits with the ranks' status."""
     _, text = site_sbatch(["cluster=slurm"])
-    failing = 'srun() { case "$*" in *submitit*) return 3;; *rm\ -rf*) echo CLEANED;; esac; }\n'
-    out = _run_script(failing + text, tmp_path, "echo NOT REACHED")
-    assert out.returncode == 3 and "CLEANED" in out.stdout and "NOT REACHED" not in out.stdout
+    failing = 'srun() { case "$*" in *submitit*) return 3;; *rm*) echo CLEANED;; esac; }\n'
+    out = _run_script(failing + text, tmp_path, "echo ENDED")
+    assert out.returncode == 3 and out.stdout.index("CLEANED") < out.stdout.index("ENDED")
 
 
 def test_python_follows_cluster_python(tmp_path):
@@ -216,9 +216,10 @@ def test_hostile_values_render_harmless(tmp_path):
 
 def _run_script(text: str, cwd: Path, then: str) -> subprocess.CompletedProcess:
     """Run job.sbatch through bash with Slurm's tools stubbed (srun runs nothing): the point is what
-    bash makes of the rendered text itself."""
+    bash makes of the rendered text itself. ``then`` runs when the script exits (it ends with `exit`)."""
     stubs = 'scontrol() { echo node1; }; srun() { :; }; export SLURM_JOB_ID=42 SLURM_JOB_NODELIST=node1 SLURM_JOB_NUM_NODES=1\n'
-    return subprocess.run(["bash", "-c", stubs + text + "\n" + then], capture_output=True, text=True, cwd=cwd)
+    trap = f"trap {shlex.quote(then)} EXIT\n"
+    return subprocess.run(["bash", "-c", stubs + trap + text], capture_output=True, text=True, cwd=cwd)
 
 
 def _line_breaks(marker):
