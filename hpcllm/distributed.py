@@ -92,8 +92,10 @@ def _expected_hosts() -> list[str] | None:
 def _store(dist: DistEnv, timeout: timedelta):
     from torch.distributed import TCPStore
 
+    # Under torchrun its agent already serves a store at MASTER_PORT: every rank is a client of it.
+    serve = dist.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
-        return TCPStore(dist.master_addr, dist.master_port, dist.world_size, is_master=dist.is_main,
+        return TCPStore(dist.master_addr, dist.master_port, dist.world_size, is_master=serve,
                         timeout=timeout, wait_for_workers=False)
     except Exception as err:  # a worker that cannot reach rank 0 (DistNetworkError, RuntimeError, ...)
         if dist.is_main:
@@ -108,8 +110,11 @@ def join(dist: DistEnv, timeout_min: float, record: dict):
     for all and gives its verdict to the others. Returns every rank's record and the store. A rank
     missing after ``timeout_min`` fails the job at once on every rank that joined, naming the ranks
     and hosts that joined and those that did not, instead of a silent hang until the time limit."""
+    from torch.distributed import PrefixStore
+
     timeout = timedelta(minutes=timeout_min)
-    store = _store(dist, timeout)
+    # A restarted torchrun worker group meets in the same agent store: keys of this attempt only.
+    store = PrefixStore(f"hpcllm{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", _store(dist, timeout))
     store.set(f"hpcllm/joined/{dist.rank}", json.dumps(record))
     keys = [f"hpcllm/joined/{rank}" for rank in range(dist.world_size)]
     verdict = _verdict(store, keys, timeout_min) if dist.is_main else _await_verdict(store, dist, timeout)
