@@ -9,10 +9,12 @@ Otherwise a single process.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 
 @dataclass(frozen=True)
@@ -71,17 +73,117 @@ def export(dist: DistEnv) -> None:
     )
 
 
-def init(dist: DistEnv, accelerator: str) -> None:
-    """Start the process group DeepSpeed will use (gloo on CPU, NCCL on GPUs)."""
+class JoinTimeout(RuntimeError):
+    """Not every rank joined the process group within cluster.dist_timeout_min."""
+
+
+def _expected_hosts() -> list[str] | None:
+    """Where Slurm placed each rank (block distribution, the default), to name ranks that never joined."""
+    env = os.environ
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True,
+                               text=True, check=True, timeout=30).stdout.split()
+        per_node = int(env["SLURM_NTASKS_PER_NODE"].split("(")[0])
+    except (KeyError, ValueError, OSError, subprocess.SubprocessError):
+        return None
+    return [host for host in hosts for _ in range(per_node)]
+
+
+def _store(dist: DistEnv, timeout: timedelta):
+    from torch.distributed import TCPStore
+
+    # Under torchrun its agent already serves a store at MASTER_PORT: every rank is a client of it.
+    serve = dist.is_main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        return TCPStore(dist.master_addr, dist.master_port, dist.world_size, is_master=serve,
+                        timeout=timeout, wait_for_workers=False)
+    except Exception as err:  # a worker that cannot reach rank 0 (DistNetworkError, RuntimeError, ...)
+        if dist.is_main:
+            raise
+        raise JoinTimeout(f"rank {dist.rank} on host {socket.gethostname()} could not reach rank 0 at "
+                          f"{dist.master_addr}:{dist.master_port} within {timeout}: rank 0 did not start or "
+                          f"the port is blocked ({err})") from err
+
+
+def join(dist: DistEnv, timeout_min: float, record: dict):
+    """Every rank announces itself (its ``record``: host, GPUs, ...) in rank 0's TCP store; rank 0 waits
+    for all and gives its verdict to the others. Returns every rank's record and the store. A rank
+    missing after ``timeout_min`` fails the job at once on every rank that joined, naming the ranks
+    and hosts that joined and those that did not, instead of a silent hang until the time limit."""
+    from torch.distributed import PrefixStore
+
+    timeout = timedelta(minutes=timeout_min)
+    # A restarted torchrun worker group meets in the same agent store: keys of this attempt only.
+    store = PrefixStore(f"hpcllm{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", _store(dist, timeout))
+    store.set(f"hpcllm/joined/{dist.rank}", json.dumps(record))
+    keys = [f"hpcllm/joined/{rank}" for rank in range(dist.world_size)]
+    verdict = _verdict(store, keys, timeout_min) if dist.is_main else _await_verdict(store, dist, timeout)
+    if verdict:
+        raise JoinTimeout(verdict)
+    return [json.loads(store.get(key)) for key in keys], store
+
+
+def _verdict(store, keys: list[str], timeout_min: float) -> str:
+    """Rank 0: "" when every rank joined in time, else who did and who did not (also told to the others)."""
+    try:
+        store.wait(keys, timedelta(minutes=timeout_min))
+        verdict = ""
+    except Exception:  # torch raises DistStoreError (a RuntimeError) on timeout
+        joined = {rank: json.loads(store.get(key)).get("host", "?") for rank, key in enumerate(keys)
+                  if store.check([key])}
+        verdict = missing_ranks(joined, len(keys), timeout_min, _expected_hosts() or [])
+    store.set("hpcllm/verdict", verdict)
+    if verdict:  # keep the store up until the ranks that joined have read it
+        acks = [f"hpcllm/read/{rank}" for rank in range(1, len(keys)) if store.check([keys[rank]])]
+        try:
+            store.wait(acks, timedelta(seconds=30))
+        except Exception:
+            pass
+    return verdict
+
+
+def missing_ranks(joined: dict[int, str], world_size: int, timeout_min: float, expected: list[str]) -> str:
+    """"2 of 3 ranks joined ...: joined rank 0 on node1, ...; never joined rank 2 (expected on node2)"."""
+    def where(rank: int) -> str:
+        return f" (expected on {expected[rank]})" if rank < len(expected) else ""
+
+    missing = [f"rank {rank}{where(rank)}" for rank in range(world_size) if rank not in joined]
+    return (f"{len(joined)} of {world_size} ranks joined within {timeout_min:g} min (cluster.dist_timeout_min): "
+            f"joined {', '.join(f'rank {r} on {h}' for r, h in sorted(joined.items()))}; "
+            f"never joined {', '.join(missing)}. Look at those ranks' logs: a node that cannot start Python "
+            "or reach rank 0's host is the usual cause")
+
+
+def _await_verdict(store, dist: DistEnv, timeout: timedelta) -> str:
+    try:
+        store.wait(["hpcllm/verdict"], timeout + timedelta(minutes=1))
+        verdict = store.get("hpcllm/verdict").decode()
+    except Exception as err:
+        raise JoinTimeout(f"rank {dist.rank} on host {socket.gethostname()} heard nothing from rank 0 "
+                          f"({dist.master_addr}:{dist.master_port}) within {timeout}: see rank 0's log") from err
+    if verdict:
+        store.set(f"hpcllm/read/{dist.rank}", "1")
+    return verdict
+
+
+def init(dist: DistEnv, accelerator: str, timeout_min: float = 10.0, record: dict | None = None) -> list[dict]:
+    """Join (see :func:`join`), then start the process group DeepSpeed will use (gloo on CPU, NCCL
+    on GPUs) on the same store, with ``timeout_min`` for every collective; returns the ranks' records."""
     if accelerator == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     export(dist)
     import deepspeed
     import torch
+    import torch.distributed as tdist
 
     if accelerator == "cuda":
         torch.cuda.set_device(dist.local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if accelerator == "cpu" else "nccl")
+    records, store = join(dist, timeout_min, record or {"rank": dist.rank, "host": socket.gethostname()})
+    backend = "gloo" if accelerator == "cpu" else "nccl"
+    timeout = timedelta(minutes=timeout_min)
+    tdist.init_process_group(backend, store=store, rank=dist.rank, world_size=dist.world_size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group started above
+    return records
 
 
 def _device():

@@ -12,6 +12,9 @@ OmegaConf.register_new_resolver("hpcllm.host", lambda: socket.gethostname().spli
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OmegaConf.register_new_resolver("hpcllm.root", lambda: PROJECT_ROOT, replace=True)
 OmegaConf.register_new_resolver("hpcllm.pid", lambda: str(os.getpid()), replace=True)
+# Where run directories go: cluster.runs_root, else $HPCLLM_RUNS (a scratch filesystem), else ./runs.
+OmegaConf.register_new_resolver("hpcllm.runs", lambda root=None: root or os.environ.get("HPCLLM_RUNS") or "runs",
+                                replace=True)
 register_configs()
 
 __all__ = ["ConfigError", "Derived", "JobConfig", "PROJECT_ROOT", "derive", "compose"]

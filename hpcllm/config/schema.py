@@ -241,8 +241,8 @@ class ClusterConfig:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    exclusive: bool = False
-    mem_gb: Optional[float] = None  # per node; None = hw.ram_gb_per_node minus headroom
+    exclusive: Optional[bool] = None  # None = whole-node GPU jobs get the nodes to themselves (--exclusive)
+    mem_gb: Optional[float] = None  # per node; None = all of it on GPU nodes (--mem=0), else 90% of hw.ram_gb_per_node
     cpus_per_task: Optional[int] = None  # None = cpus_per_node / gpus_per_node
     extra_sbatch: Dict[str, str] = field(default_factory=dict)
     signal_before_min: int = 5  # Slurm sends USR2 this long before the time limit (the loop checkpoints)
@@ -250,6 +250,22 @@ class ClusterConfig:
     array_parallelism: int = 16
     job_name: str = "hpcllm"
     port_base: int = 20000  # master port = port_base + job_id % 20000
+    # -- the site: what a shared cluster needs beyond the #SBATCH request (README "Running on your cluster")
+    # srun --cpu-bind: none | cores | sockets | ldoms (NUMA) | map_cpu:/mask_cpu:/map_ldom:/mask_ldom:<list>
+    cpu_bind: str = "none"
+    setup: List[str] = field(default_factory=list)  # shell lines run first: module load, venv/conda, exports
+    # The ranks' interpreter; None = the submitting one ("python" inside a container), "python" = first on PATH
+    python: Optional[str] = None
+    container_image: Optional[str] = None  # pyxis/enroot --container-image, e.g. nvcr.io#nvidia/pytorch:24.05-py3
+    container_mounts: List[str] = field(default_factory=list)  # SRC:DST[:ro]; the run directory is added
+    container_workdir: Optional[str] = None
+    srun_args: List[str] = field(default_factory=list)  # any other srun flag, e.g. ["--gpu-bind=closest"]
+    wckey: Optional[str] = None
+    test_only: bool = True  # pre-flight: `sbatch --test-only` the rendered job, refuse what the site rejects
+    runs_root: Optional[str] = None  # where run directories go (a scratch filesystem); else env HPCLLM_RUNS
+    # Joining the process group and every collective; a rank missing this long fails the job, named.
+    dist_timeout_min: float = 10.0
+    health_check: bool = False  # before the model loads: all-reduce correctness and bandwidth, written to health.json
 
 
 @dataclass

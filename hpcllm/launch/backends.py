@@ -29,10 +29,17 @@ def plan(job: PreparedJob) -> None:
     """Pre-flight estimate (prints a table, writes estimate.json; refuses a job that will not fit).
 
     A sweep prints one capacity line per point instead of a table each."""
+    if job.cfg.method.stage != "eval":  # inference only: the training estimate does not apply
+        _estimate(job)
+    if job.cfg.cluster.name == "slurm":
+        from hpcllm.launch.slurm import site_check
+
+        site_check(job)  # what the site itself would reject, before anything queues
+
+
+def _estimate(job: PreparedJob) -> None:
     from hpcllm import plan as planner
 
-    if job.cfg.method.stage == "eval":
-        return  # inference only: the training estimate does not apply
     sweep = in_multirun()
     try:
         est = planner.preflight(job.cfg, job.derived, job.run_dir, num_samples=_num_samples(job), show=not sweep)

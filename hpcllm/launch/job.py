@@ -13,7 +13,7 @@ from hpcllm.config.schema import FROM_PRESET_MODEL_TYPES
 from hpcllm.launch.lock import acquire
 from hpcllm.launch.datasets import check_prepared_sources
 from hpcllm.render.deepspeed import render_ds_configs
-from hpcllm.render.slurm import render_sbatch, slurm_parameters
+from hpcllm.render.slurm import python_command, render_sbatch, slurm_parameters
 
 
 class RunComplete(Exception):
@@ -47,7 +47,7 @@ def prepare(cfg: DictConfig, run_dir: str | Path) -> PreparedJob:
     for name, ds_config in render_ds_configs(cfg, derived).items():
         write_text_atomic(run_dir / name, json.dumps(ds_config, indent=2) + "\n")
     params = slurm_parameters(cfg, derived, str(run_dir))
-    write_text_atomic(run_dir / "job.sbatch", render_sbatch(params, str(run_dir)))
+    write_text_atomic(run_dir / "job.sbatch", render_sbatch(params, str(run_dir), python_command(cfg)))
     return PreparedJob(cfg, derived, run_dir, params)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from omegaconf import DictConfig
 
 from hpcllm.launch.job import PreparedJob, write_text_atomic
 from hpcllm.launch.lock import hand_to_slurm_job
-from hpcllm.render.slurm import render_sbatch, slurm_parameters, submitit_folder
+from hpcllm.render.slurm import python_command, render_sbatch, slurm_parameters, submitit_folder
 
 JOBS_DB = Path(os.environ.get("HPCLLM_JOBS_DB", Path.home() / ".cache" / "hpcllm" / "jobs.jsonl"))
 
@@ -82,6 +84,71 @@ def job_state(job_id: str) -> str:
     return out.stdout.strip() or "UNKNOWN"
 
 
+# -- what the site accepts, asked before anything queues -----------------------------------------
+
+
+def test_only(sbatch_file: Path) -> tuple[bool, str]:
+    """`sbatch --test-only`: Slurm checks the request (partition, account, QOS, limits, node shapes)
+    and says when the job would start, without queueing it. (accepted, Slurm's words)."""
+    out = subprocess.run(["sbatch", "--test-only", str(sbatch_file)], capture_output=True, text=True, timeout=120)
+    said = " ".join((out.stderr + out.stdout).split())
+    return out.returncode == 0, said.replace("sbatch: error: ", "").replace("sbatch: ", "")
+
+
+def partition_facts(partition: str | None) -> dict | None:
+    """CPUs, memory (GB) and GPUs per node of a partition (the default one when None), from sinfo."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=60)
+    for line in out.stdout.splitlines():
+        name, cpus, mem_mb, gres = line.split("|")
+        if (partition is None and name.endswith("*")) or name.rstrip("*") == partition:
+            gpus = re.search(r"gpu(?::[^:,(]+)?:(\d+)", gres)
+            return {"partition": name.rstrip("*"), "cpus_per_node": int(cpus.rstrip("+")),
+                    "ram_gb_per_node": int(mem_mb.rstrip("+")) / 1024, "gpus_per_node": int(gpus.group(1)) if gpus else 0}
+    return None
+
+
+def disagreements(hw: DictConfig, facts: dict) -> list[str]:
+    """Where the hw preset's guesses differ from the partition Slurm describes."""
+    out = []
+    checks = [("cpus_per_node", hw.cpus_per_node, facts["cpus_per_node"]),
+              ("ram_gb_per_node", hw.ram_gb_per_node, facts["ram_gb_per_node"])]
+    if hw.accelerator == "cuda":
+        checks.append(("gpus_per_node", hw.gpus_per_node, facts["gpus_per_node"]))
+    for key, preset, site in checks:
+        if abs(preset - site) > 0.1 * max(preset, site):
+            out.append(f"partition {facts['partition']} has {site:g} {key.replace('_', ' ')} but hw.{key}={preset:g} "
+                       f"(hw={hw.name}): set hw.{key}={site:g} so that the plan and the request match the nodes")
+    return out
+
+
+def site_check(job: PreparedJob) -> None:
+    """Pre-flight against the real cluster (cluster=slurm where sbatch exists): warn where sinfo
+    contradicts the hw preset; refuse, like the estimate does, what `sbatch --test-only` rejects."""
+    from hpcllm.plan import PreflightRefused
+
+    cfg = job.cfg
+    if cfg.cluster.name != "slurm" or cfg.preflight == "off" or shutil.which("sbatch") is None:
+        return
+    facts = partition_facts(cfg.hw.partition)
+    for line in disagreements(cfg.hw, facts) if facts else []:
+        print(f"hpcllm: warning: {line}", flush=True)
+    if not cfg.cluster.test_only:
+        return
+    accepted, said = test_only(job.run_dir / "job.sbatch")
+    if accepted:
+        print(f"hpcllm: sbatch --test-only: {said}", flush=True)
+        return
+    message = (f"the cluster would reject {job.run_dir / 'job.sbatch'}: {said} (sbatch --test-only). Check "
+               "hw.partition, hw.nodes, hw.gpus_per_node, cluster.account/qos/time_limit_min/mem_gb against "
+               "`sinfo` and your site's limits; cluster.test_only=false skips this check")
+    if cfg.preflight == "warn":
+        print(f"hpcllm: warning: {message}", flush=True)
+        return
+    refused = PreflightRefused(message)
+    refused.estimate = None
+    raise refused
+
+
 # -- submission -------------------------------------------------------------------------------
 
 
@@ -92,8 +159,9 @@ class Submitted:
     jobs: list = field(default_factory=list)
 
 
-def _executor(params: dict, run_dir: Path, max_requeue: int) -> submitit.SlurmExecutor:
-    executor = submitit.SlurmExecutor(folder=submitit_folder(str(run_dir)), max_num_timeout=max_requeue)
+def _executor(params: dict, run_dir: Path, cfg: DictConfig) -> submitit.SlurmExecutor:
+    executor = submitit.SlurmExecutor(folder=submitit_folder(str(run_dir)), max_num_timeout=cfg.cluster.max_requeue,
+                                      python=python_command(cfg))
     executor.update_parameters(**params)
     return executor
 
@@ -109,9 +177,9 @@ def _submit_one(job: PreparedJob, dependency: str | None = None) -> submitit.Job
         # A stage whose predecessor failed is cancelled rather than left pending forever.
         params["dependency"] = dependency
         params["additional_parameters"] = dict(params["additional_parameters"], **{"kill-on-invalid-dep": "yes"})
-        write_text_atomic(job.run_dir / "job.sbatch", render_sbatch(params, str(job.run_dir)))
+        write_text_atomic(job.run_dir / "job.sbatch", render_sbatch(params, str(job.run_dir), python_command(job.cfg)))
     max_requeue = job.cfg.cluster.max_requeue
-    slurm_job = _executor(params, job.run_dir, max_requeue).submit(TrainTask(str(job.run_dir), max_requeue))
+    slurm_job = _executor(params, job.run_dir, job.cfg).submit(TrainTask(str(job.run_dir), max_requeue))
     _record(slurm_job.job_id, job.run_dir, job.cfg)
     return slurm_job
 
@@ -124,10 +192,11 @@ def _submit_array(jobs: list[PreparedJob], folder: Path) -> list[submitit.Job]:
     params = dict(slurm_parameters(jobs[0].cfg, jobs[0].derived, str(folder)),
                   array_parallelism=cluster.array_parallelism)
     folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / "job.sbatch", render_sbatch(dict(params, map_count=len(jobs)), str(folder)))
+    write_text_atomic(folder / "job.sbatch", render_sbatch(dict(params, map_count=len(jobs)), str(folder),
+                                                          python_command(jobs[0].cfg)))
     for job in jobs:
         ensure_memmaps(job.cfg, job.run_dir)
-    executor = _executor(params, folder, cluster.max_requeue)
+    executor = _executor(params, folder, jobs[0].cfg)
     with executor.batch():
         slurm_jobs = [executor.submit(TrainTask(str(job.run_dir), cluster.max_requeue)) for job in jobs]
     for slurm_job, job in zip(slurm_jobs, jobs):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from hpcllm import distributed
+from hpcllm.launch.health import join_checked
 from hpcllm.launch.job import load_config
 from hpcllm.launch.lock import RunDirLocked, RunLock, acquire
 from hpcllm.train.watchdog import failure_recorded
@@ -19,7 +20,7 @@ def run_task(run_dir: str) -> str:
     torch.multiprocessing.set_sharing_strategy("file_system")
     cfg = load_config(run_dir)
     dist = distributed.from_environment(cfg.cluster.port_base)
-    distributed.init(dist, cfg.hw.accelerator)
+    join_checked(cfg, run_dir, dist)
     lock = _run_lock(Path(run_dir), dist)
     from hpcllm.stages import run_stage
 

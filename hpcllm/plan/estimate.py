@@ -18,6 +18,7 @@ from hpcllm.config import ConfigError, Derived
 from hpcllm.config.profiles import describe_extra_models, extra_models, role_key, zero_preset
 from hpcllm.plan import formulas as F
 from hpcllm.plan.formulas import GIB
+from hpcllm.plan.quota import quota_warning, user_quota
 
 
 @dataclass
@@ -107,16 +108,19 @@ def _value_model_params(arch: F.Arch) -> int:
     return F.count_params(arch) - (0 if arch.tied else arch.vocab * arch.hidden) + arch.hidden
 
 
-def _disk_free(run_dir: Optional[str]) -> Optional[float]:
+def _disk_space(run_dir: Optional[str]) -> tuple[Optional[float], Optional[str]]:
+    """Free bytes where the run directory is - the user's quota left, where a quota tool answers, if
+    less than the filesystem's free space - and a warning when that quota is nearly used."""
     if not run_dir:
-        return None
+        return None, None
     path = os.path.abspath(run_dir)
     while not os.path.exists(path):
         parent = os.path.dirname(path)
         if parent == path:
-            return None
+            return None, None
         path = parent
-    return shutil.disk_usage(path).free
+    free, found = shutil.disk_usage(path).free, user_quota(path)
+    return (free, None) if found is None else (min(free, found.free), quota_warning(found, path))
 
 
 def memory_breakdown(cfg: DictConfig, derived: Derived, micro_batch: int, zero_init: Optional[bool] = None):
@@ -363,10 +367,12 @@ def estimate(cfg: DictConfig, derived: Derived, run_dir: Optional[str] = None,
     ckpt = F.checkpoint_bytes(tr.total, trainable, p=p) if cfg.method.stage != "eval" else 0
     export = p * tr.total if cfg.train.export and cfg.method.stage != "eval" else 0
     needed = ckpt * max(cfg.train.keep_last, 1) + export
-    free = _disk_free(run_dir if run_dir is not None else cfg.get("run_dir"))
+    free, quota_note = _disk_space(run_dir if run_dir is not None else cfg.get("run_dir"))
     fits_disk = free is None or needed + cfg.train.min_free_disk_gb * GIB <= free
     if free is None:
         notes.append("disk: no run directory to check free space against")
+    if quota_note:
+        notes.append(quota_note)
     est = Estimate(
         gpu_mem_gb=F.gib(sum(gpu.values())), gpu_capacity_gb=float(cfg.hw.gpu_mem_gb),
         cpu_mem_gb=F.gib(sum(cpu.values())), cpu_capacity_gb=float(cfg.hw.ram_gb_per_node),

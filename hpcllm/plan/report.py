@@ -54,6 +54,7 @@ def format_table(cfg: DictConfig, est: Estimate) -> str:
         f"  disk          checkpoint {est.checkpoint_gb:.2f} GB x keep_last {cfg.train.keep_last} (+ export) = "
         f"{est.disk_needed_gb:.2f} GB, {disk_free}  {mark(est.fits_disk)}",
     ]
+    lines += [f"  warning: {note}" for note in est.notes if note.startswith("disk quota")]
     time_limit = time_limit_line(cfg, est)
     if time_limit:
         lines.append(time_limit)

@@ -96,7 +96,9 @@ class Trainer:
         info = {"trainable_params": self.trainable_params, "total_params": self.total_params,
                 "trainable_percent": round(share, 4), "max_steps": self.max_steps,
                 "flops_per_token": self.flops_per_token, "world_size": self.ctx.derived.world_size}
-        (self.ctx.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        path = self.ctx.run_dir / "run_info.json"  # beside the attempts hpcllm.launch.run_info records
+        info = {**(json.loads(path.read_text()) if path.exists() else {}), **info}
+        path.write_text(json.dumps(info, indent=2) + "\n")
         print(f"hpcllm: {self.ctx.cfg.method.name} on {self.ctx.cfg.model.name}: trainable params "
               f"{self.trainable_params:,} / {self.total_params:,} ({share:.2f}%), {self.max_steps} steps", flush=True)
 

@@ -53,11 +53,24 @@ def jobs_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def launch(jobs_db):
+def prebuilt_extensions() -> Path:
+    """DeepSpeed's CPU shared-memory all-reduce op, built once for this checkout's environment, as the
+    README says to prebuild ops: every job seeds its node-local TORCH_EXTENSIONS_DIR from here instead
+    of compiling it again (90 s on this loaded machine, which would eat a 3-minute time limit)."""
+    cache = ROOT / ".venv" / "torch_extensions"
+    build = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+    subprocess.run([sys.executable, "-c", build], check=True, capture_output=True, timeout=900,
+                   env=dict(os.environ, TORCH_EXTENSIONS_DIR=str(cache), DS_ACCELERATOR="cpu"))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def launch(jobs_db, prebuilt_extensions):
     """launch(*overrides, multirun=False) -> CompletedProcess of `python launch.py ...`."""
 
     def run(*overrides: str, multirun: bool = False, check: bool = False, tool: str = "launch.py"):
-        env = dict(os.environ, HPCLLM_JOBS_DB=str(jobs_db), HYDRA_FULL_ERROR="1")
+        env = dict(os.environ, HPCLLM_JOBS_DB=str(jobs_db), HYDRA_FULL_ERROR="1",
+                   TORCH_EXTENSIONS_DIR=str(prebuilt_extensions))
         cmd = [sys.executable, str(ROOT / tool), *(["-m"] if multirun else []), *overrides]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
         if check and proc.returncode != 0:

@@ -28,7 +28,7 @@ def test_required_presets_exist():
     assert {"v100x8", "v100x8_16gb", "a100x8", "a100x8_40gb", "a800x8", "h100x8", "a40x4", "t4x8", "cpu"} <= set(
         presets("hw"))
     assert {"stage0", "stage1", "stage2", "stage3", "stage2_offload", "stage3_offload"} <= set(presets("zero"))
-    assert {"local", "slurm"} == set(presets("cluster"))
+    assert {"local", "slurm", "site_example"} == set(presets("cluster"))
 
 
 def test_every_combination_composes_or_fails_clearly():

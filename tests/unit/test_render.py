@@ -3,6 +3,7 @@ file, its #SBATCH lines against the config, and hostile config values that stay 
 import json
 import os
 import re
+import shlex
 import subprocess
 import uuid
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 
 from hpcllm.config import compose, derive
 from hpcllm.render.deepspeed import render_ds_config, render_ds_configs
-from hpcllm.render.slurm import render_sbatch, slurm_parameters
+from hpcllm.config import ConfigError
+from hpcllm.render.slurm import python_command, render_sbatch, slurm_parameters
 
 GOLDEN = Path(__file__).parent / "golden"
 ZERO_PROFILES = ["stage0", "stage1", "stage2", "stage3", "stage2_offload", "stage3_offload"]
@@ -107,10 +109,21 @@ def golden_sbatch():
     return cfg, render_sbatch(slurm_parameters(cfg, derive(cfg), "/runs/lora-7b"), "/runs/lora-7b", python="python")
 
 
-def test_sbatch_matches_golden_file():
+SITE = ["model=llama_7b", "method=lora", "hw=a100x8", "hw.nodes=4", "zero=stage3", "cluster=site_example",
+        "hw.partition=batch", "+hw.nccl_env.NCCL_IB_HCA=mlx5", "cluster.wckey=llm"]
+
+
+def site_sbatch(overrides=SITE):
+    cfg = compose(overrides)
+    return cfg, render_sbatch(slurm_parameters(cfg, derive(cfg), "/runs/site"), "/runs/site", python_command(cfg))
+
+
+@pytest.mark.parametrize("name,render", [("llama_7b_lora_a100x8_2nodes.sbatch", golden_sbatch),
+                                         ("site_container_4nodes.sbatch", site_sbatch)])
+def test_sbatch_matches_golden_file(name, render):
     """Regenerate after an intended change with: UPDATE_GOLDEN=1 pytest tests/unit/test_render.py"""
-    _, text = golden_sbatch()
-    path = GOLDEN / "llama_7b_lora_a100x8_2nodes.sbatch"
+    _, text = render()
+    path = GOLDEN / name
     if os.environ.get("UPDATE_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text()
@@ -125,10 +138,61 @@ def test_sbatch_lines_match_the_config():
     assert flags["signal"] == f"USR2@{cfg.cluster.signal_before_min * 60}"
     assert flags["account"] == "llm" and flags["qos"] == "high" and "requeue" in flags
     assert flags["job-name"] == "hpcllm" and flags["output"].startswith("/runs/lora-7b/slurm/")
-    for name, value in cfg.hw.nccl_env.items():
-        assert re.search(rf"^export {name}='?{re.escape(value)}'?$", text, re.M), name
+    # A whole-node GPU job: the nodes to itself and all of their memory; no wckey unless asked for.
+    assert "exclusive" in flags and flags["mem"] == "0" and "wckey" not in flags
     assert "/dev/shm" in text and "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))" in text
-    assert re.search(r"^srun .*submitit\.core\._submit /runs/lora-7b/slurm$", text, re.M)
+    # srun does not inherit --cpus-per-task from the allocation (Slurm >= 22.05): it is passed again.
+    assert re.search(r"^srun .*--cpus-per-task=16 --cpu-bind=none python -u -m submitit\.core\._submit /runs/lora-7b/slurm$",
+                     text, re.M)
+    assert "TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}" in text
+
+
+def test_site_setup_container_and_srun_flags_render_as_asked():
+    cfg, text = site_sbatch()
+    setup = text.split("# setup\n")[1]
+    # The site's lines run first, before hpcllm's own block.
+    assert setup.startswith("# site setup (cluster.setup)\nmodule load cuda/12.4 nccl\nexport HF_HOME=/lustre/$USER/hf_cache\n"
+                            "# hpcllm setup")
+    srun = shlex.split(re.search(r"^srun --unbuffered .*$", text, re.M).group(0))
+    for flag in ("--cpus-per-task=16", "--cpu-bind=cores", "--container-image=nvcr.io#nvidia/pytorch:24.05-py3",
+                 "--container-mounts=/lustre:/lustre,/runs/site:/runs/site", "--container-workdir=/workspace",
+                 "--gpu-bind=closest"):
+        assert flag in srun, flag
+    # Inside the container the image's python runs, not the submitting host's interpreter.
+    assert srun[-5:] == ["python", "-u", "-m", "submitit.core._submit", "/runs/site/slurm"]
+    assert "#SBATCH --partition=batch" in text and "#SBATCH --wckey=llm" in text
+    assert "export NCCL_IB_HCA=${NCCL_IB_HCA:-mlx5}" in text
+    # Per-node scratch for compiled extensions, Triton, remote code and temporary files; removed at the end.
+    for name in ("TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "HF_MODULES_CACHE", "TMPDIR"):
+        assert re.search(rf"^export {name}=\$HPCLLM_NODE_TMP/", text, re.M), name
+    assert 'rm -rf "$HPCLLM_NODE_TMP"' in text.split("# teardown")[1]
+
+
+def test_the_job_ends_with_the_ranks_exit_status_after_its_clean_up(tmp_path):
+    """The teardown removes the node-local scratch, but a failed srun of the ranks must still fail the
+    job (Slurm's FAILED state, afterok dependencies): the script exits with the ranks' status."""
+    _, text = site_sbatch(["cluster=slurm"])
+    failing = 'srun() { case "$*" in *submitit*) return 3;; *rm*) echo CLEANED;; esac; }\n'
+    out = _run_script(failing + text, tmp_path, "echo ENDED")
+    assert out.returncode == 3 and out.stdout.index("CLEANED") < out.stdout.index("ENDED")
+
+
+def test_python_follows_cluster_python(tmp_path):
+    import sys
+
+    _, text = site_sbatch(["cluster=slurm", "cluster.python=python3"])
+    assert re.search(r"^srun .* python3 -u -m submitit", text, re.M)
+    _, text = site_sbatch(["cluster=slurm"])
+    assert f" {sys.executable} -u -m submitit" in text
+    with pytest.raises(ConfigError, match="cluster.cpu_bind"):
+        site_sbatch(["cluster=slurm", "cluster.cpu_bind=everything"])
+
+
+def test_nodes_shared_when_asked():
+    _, text = site_sbatch(["cluster=slurm", "hw=a100x8", "cluster.exclusive=false", "cluster.mem_gb=500"])
+    assert "--exclusive" not in text and "#SBATCH --mem=500G" in text
+    _, text = site_sbatch(["cluster=slurm"])  # CPU ranks: a share of the node
+    assert "--exclusive" not in text and "#SBATCH --mem=21G" in text
 
 
 def test_hostile_values_render_harmless(tmp_path):
@@ -139,16 +203,70 @@ def test_hostile_values_render_harmless(tmp_path):
     cfg.cluster.job_name = evil
     cfg.hw.partition = f"gpu;touch {marker}"
     cfg.hw.nccl_env = {"NCCL_SOCKET_IFNAME": f"$(touch {marker})"}
-    text = render_sbatch(slurm_parameters(cfg, derive(cfg), str(run_dir)), str(run_dir))
-    preamble = text.split("# command")[0]
-    # Slurm's tools are stubbed: the point is what bash makes of the rendered text itself.
-    stubs = 'scontrol() { echo node1; }; srun() { :; }; export SLURM_JOB_ID=42 SLURM_JOB_NODELIST=node1 SLURM_JOB_NUM_NODES=1\n'
-    out = subprocess.run(["bash", "-c", stubs + preamble + '\necho "ENV:$NCCL_SOCKET_IFNAME|$HPCLLM_RUN_DIR"'],
-                         capture_output=True, text=True, cwd=tmp_path)
+    cfg.cluster.extra_sbatch = {"comment": evil}
+    cfg.cluster.container_image = f"img;touch {marker}"
+    cfg.cluster.container_mounts = [f"/data:/data $(touch {marker})"]
+    text = render_sbatch(slurm_parameters(cfg, derive(cfg), str(run_dir)), str(run_dir), python="python")
+    out = _run_script(text, tmp_path, 'echo "ENV:$NCCL_SOCKET_IFNAME|$HPCLLM_RUN_DIR"')
     assert out.returncode == 0, out.stderr
     assert not marker.exists()
     assert f"ENV:$(touch {marker})|{run_dir}" in out.stdout
     assert f"#SBATCH --job-name='{evil}'" in text
+
+
+def _run_script(text: str, cwd: Path, then: str) -> subprocess.CompletedProcess:
+    """Run job.sbatch through bash with Slurm's tools stubbed (srun runs nothing): the point is what
+    bash makes of the rendered text itself. ``then`` runs when the script exits (it ends with `exit`)."""
+    stubs = 'scontrol() { echo node1; }; srun() { :; }; export SLURM_JOB_ID=42 SLURM_JOB_NODELIST=node1 SLURM_JOB_NUM_NODES=1\n'
+    trap = f"trap {shlex.quote(then)} EXIT\n"
+    return subprocess.run(["bash", "-c", stubs + trap + text], capture_output=True, text=True, cwd=cwd)
+
+
+def _line_breaks(marker):
+    """(override path, value or {key: value}) pairs each ending a line of job.sbatch without the check."""
+    run = f"touch {marker}"
+    return [("cluster.job_name", f"x\n{run}"), ("hw.partition", f"gpu\r\n{run}"),
+            ("cluster.account", f"llm\n{run}"), ("cluster.qos", f"high\n{run}"),
+            ("cluster.extra_sbatch", {"comment": f"c\n{run}"}), ("cluster.extra_sbatch", {f"comment\n{run}\n#": "c"}),
+            ("cluster.setup", [f"module load x\n{run}"]), ("cluster.srun_args", [f"--x\n{run}"]),
+            ("cluster.container_image", f"img\n{run}"), ("cluster.python", f"python\n{run}"),
+            ("hw.nccl_env", {"NCCL_IB_HCA": f"mlx5\n{run}"}), ("hw.nccl_env", {f"A=1; {run}; B": "1"}),
+            ("hw.nccl_env", {"1NCCL": "1"}), ("run_dir", f"/runs/x\n{run}\n")]
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_line_breaks_and_bad_names_are_refused_naming_the_key(case, tmp_path):
+    """Issue 13 item 8: each of these ran `touch` when job.sbatch was executed; now it does not render."""
+    marker = tmp_path / "pwned"
+    key, value = _line_breaks(marker)[case]
+    assert len(_line_breaks(marker)) == 14
+    cfg = compose(["cluster=slurm", "hw=a100x8"])
+    run_dir = str(tmp_path / "run")
+    if key == "run_dir":
+        run_dir = value
+    else:
+        group, name = key.split(".")
+        cfg[group][name] = value
+    with pytest.raises(ConfigError) as err:
+        slurm_parameters(cfg, derive(cfg), run_dir)
+    named = "hydra.run.dir" if key == "run_dir" else key
+    assert named in str(err.value)
+    # Without the check the same values would have run the command: prove the danger is real.
+    if key == "cluster.job_name":
+        text = f"#SBATCH --job-name={value}\n"
+        assert _run_script(text, tmp_path, "true").returncode == 0 and marker.exists()
+
+
+def test_nccl_defaults_defer_to_the_site(tmp_path):
+    """hw.nccl_env renders `export X=${X:-value}`: a value the site or user exported wins."""
+    cfg = compose(["cluster=slurm", "hw=a100x8"])
+    cfg.hw.nccl_env = {"NCCL_SOCKET_IFNAME": "^lo,docker", "NCCL_IB_HCA": "mlx5 $(x) 'q' }"}
+    text = render_sbatch(slurm_parameters(cfg, derive(cfg), str(tmp_path)), str(tmp_path), python="python")
+    assert "export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-'^lo,docker'}" in text
+    shown = 'echo "[$NCCL_SOCKET_IFNAME][$NCCL_IB_HCA]"'
+    assert "[^lo,docker][mlx5 $(x) 'q' }]" in _run_script(text, tmp_path, shown).stdout
+    site = _run_script("export NCCL_SOCKET_IFNAME=ib0\n" + text, tmp_path, shown)
+    assert "[ib0][mlx5 $(x) 'q' }]" in site.stdout
 
 
 def test_secrets_never_reach_rendered_files(tmp_path, monkeypatch):
