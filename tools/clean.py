@@ -14,7 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from contextlib import contextmanager  # noqa: E402
+
 from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
@@ -24,13 +27,28 @@ from hpcllm.clean import CleanConfigError, register, run_clean  # noqa: E402
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "clean")
 
 
+@contextmanager
+def _without_job_groups():
+    """Hide the job's config groups (model, cluster, ...) that hpcllm.config puts in Hydra's global
+    ConfigStore when both are loaded in one process: there ``cluster=slurm`` would name a group, not
+    this tool's ``cluster`` key."""
+    from hpcllm.config.schema import GROUP_SCHEMAS
+
+    repo = ConfigStore.instance().repo
+    hidden = {group: repo.pop(group) for group in GROUP_SCHEMAS if group in repo}
+    try:
+        yield
+    finally:
+        repo.update(hidden)
+
+
 def compose_config(argv):
     presets = sorted(f[:-5] for f in os.listdir(CONF_DIR) if f.endswith(".yaml"))
     preset = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "zh_web")
     if preset not in presets:
         raise CleanConfigError(f"preset={preset!r} is not one of {', '.join(presets)} (conf/clean/)")
     register()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+    with _without_job_groups(), initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name=preset, overrides=[a for a in argv if not a.startswith("preset=")])
     missing = [k for k in ("input", "output") if OmegaConf.is_missing(cfg, k)]
     if missing:

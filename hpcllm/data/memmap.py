@@ -245,6 +245,9 @@ def _make_encoder(tokenizer_spec, format_id, special_tokens, kind, seq_len, mode
 _WORKER_ENCODER: Optional[Encoder] = None
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _worker_init(encoder_args):
     global _WORKER_ENCODER
     # One process per core already: the Rust tokenizer's own thread pool would oversubscribe.
@@ -252,6 +255,7 @@ def _worker_init(encoder_args):
     # Ctrl-C is the parent's to handle: it stops the pool and removes the unfinished output.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked while the parent forked us
     _WORKER_ENCODER = _make_encoder(*encoder_args)
 
 
@@ -279,7 +283,14 @@ def _results(files, encoder, encoder_args, num_workers) -> Iterator[ChunkResult]
             yield encoder.process(chunk)
         return
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(num_workers, initializer=_worker_init, initargs=(encoder_args,)) as pool:
+    # A stop signal while the pool forks would leave workers that no `with` terminates (and an exit
+    # that waits for them): it is held until the pool exists, then stops it like any other.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pool = ctx.Pool(num_workers, initializer=_worker_init, initargs=(encoder_args,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    with pool:
         pending = collections.deque()
         for chunk in _chunks(files):
             pending.append(pool.apply_async(_worker_process, (chunk,)))

@@ -22,14 +22,15 @@ def test_every_rank_gets_every_ranks_record():
     port, results = free_port(), {}
 
     def rank(r):
-        results[r] = distributed.join(_env(r, 2, port), 0.5, {"rank": r, "host": f"node{r + 1}"})[0]
+        # Keep each store: rank 0's serves rank 1's reads (in a job the process group keeps it up).
+        results[r] = distributed.join(_env(r, 2, port), 0.5, {"rank": r, "host": f"node{r + 1}"})
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    assert results[0] == results[1] == [{"rank": 0, "host": "node1"}, {"rank": 1, "host": "node2"}]
+    assert results[0][0] == results[1][0] == [{"rank": 0, "host": "node1"}, {"rank": 1, "host": "node2"}]
 
 
 def test_a_rank_that_never_joins_fails_the_job_fast_naming_who_joined_and_who_did_not():
