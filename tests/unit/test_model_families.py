@@ -53,7 +53,7 @@ def test_a_remote_code_family_without_a_path_is_refused_before_launch(tmp_path):
 
 
 def test_tensor_parallel_is_planned_but_never_launched(tmp_path):
-    key = "train.tensor_parallel"  # pipeline parallelism trains (tests/unit/test_pipeline.py)
+    key = "train.tensor_parallel"  # pipeline parallelism trains (tests/unit/test_pipeline_model.py)
     cfg = compose(["model=llama2_7b", "hw=a100x8", "zero=stage1", f"data.train={tmp_path}/sft.jsonl", f"{key}=2"])
     derive(cfg)  # the estimate still plans it (dry runs)
     assert [r for r in launch_refusals(cfg) if f"{key}=2: the training loop has no tensor parallelism" in r]
