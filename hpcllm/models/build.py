@@ -108,10 +108,12 @@ def save_base_model(model: PreTrainedModel, ctx) -> None:
     Collective under ZeRO-3 (every rank gathers the partitions), rank 0 writes atomically."""
     import deepspeed
 
-    from hpcllm.distributed import barrier
+    from hpcllm.distributed import all_reduce, barrier
 
     out = base_model_dir(ctx.run_dir)
-    if out.is_dir():
+    # Every rank takes the same branch: a rank that looked only after rank 0 had written the directory
+    # would skip the barrier below that rank 0 waits in (seen as a 10-minute gloo timeout under load).
+    if all_reduce([1.0 if out.is_dir() else 0.0], op="max")[0]:
         return
     params = list(model.parameters())
     zero3 = any(hasattr(p, "ds_id") for p in params)
