@@ -32,7 +32,11 @@ def launch(run_dir, method, *overrides):
 
 
 def finish(proc, expected_code=0) -> str:
-    out, _ = proc.communicate(timeout=240)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its ranks die with it (PDEATHSIG): no hung job outlives the test
+        raise
     assert proc.returncode == expected_code, out[-4000:]
     return out
 
