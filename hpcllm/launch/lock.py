@@ -103,7 +103,9 @@ def describe(holder: dict) -> str:
 def _me(job_id: str | None) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
             "slurm_job_id": job_id, "slurm_restart": _restarts(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "token": uuid.uuid4().hex}
+            # One token per launching process: a pipeline's launcher holds every stage's lock, and the ranks
+            # of each stage (which inherit TOKEN_ENV) share whichever of them they run in.
+            "token": os.environ.get(TOKEN_ENV) or uuid.uuid4().hex}
 
 
 def _read(path: Path) -> dict | None:

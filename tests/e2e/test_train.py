@@ -20,7 +20,10 @@ STEPS = 60
 SFT = ("method=sft", f"train.max_steps={STEPS}", "train.save_every=20", "train.eval_every=20",
        "data.eval_fraction=0.05", "method.seq_len=64")
 SHORT = ("train.max_steps=12", "method.seq_len=64")
-FREEZE = ("method=freeze", "wandb.enabled=true", *SHORT)  # also logs to wandb (offline: no network here)
+FREEZE = ("method=freeze", "wandb.enabled=true", *SHORT)
+# 16 virtual tokens on a random model learn slowly: 12 steps lower the loss by less than the noise (measured
+# 8.25 -> 8.31 at 12 steps, 8.25 -> ~8.1 at 40 with the whole-text tokenization of this wave).
+PTUNING = ("method=ptuning", "train.max_steps=40", "method.seq_len=64")  # also logs to wandb (offline: no network here)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,7 @@ def first_and_last_loss(run_dir):
 
 @pytest.mark.parametrize("method,extra", [
     ("sft", SFT), ("pretrain", ("method=pretrain", *SHORT)), ("lora", ("method=lora", *SHORT)),
-    ("freeze", FREEZE), ("ptuning", ("method=ptuning", *SHORT))])
+    ("freeze", FREEZE), ("ptuning", PTUNING)])
 def test_every_method_trains_and_the_loss_falls(runs, method, extra):
     run_dir = runs(method, *extra)
     first, last = first_and_last_loss(run_dir)
@@ -211,7 +214,7 @@ def test_mfu_counts_the_flops_the_estimate_counts(runs):
 def test_ptuning_trains_only_the_prefix(runs):
     import json
 
-    run_dir = runs("ptuning", "method=ptuning", *SHORT)
+    run_dir = runs("ptuning", *PTUNING)
     info = json.loads((run_dir / "run_info.json").read_text())
     assert 0 < info["trainable_params"] < 0.01 * info["total_params"]
     base = base_weights()
