@@ -20,10 +20,10 @@ STEPS = 60
 SFT = ("method=sft", f"train.max_steps={STEPS}", "train.save_every=20", "train.eval_every=20",
        "data.eval_fraction=0.05", "method.seq_len=64")
 SHORT = ("train.max_steps=12", "method.seq_len=64")
-FREEZE = ("method=freeze", "wandb.enabled=true", *SHORT)
+FREEZE = ("method=freeze", "wandb.enabled=true", *SHORT)  # also logs to wandb (offline: no network here)
 # 16 virtual tokens on a random model learn slowly: 12 steps lower the loss by less than the noise (measured
 # 8.25 -> 8.31 at 12 steps, 8.25 -> ~8.1 at 40 with the whole-text tokenization of this wave).
-PTUNING = ("method=ptuning", "train.max_steps=40", "method.seq_len=64")  # also logs to wandb (offline: no network here)
+PTUNING = ("method=ptuning", "train.max_steps=40", "method.seq_len=64")
 
 
 @pytest.fixture(scope="module")
