@@ -1,10 +1,9 @@
 """Memory terms beyond the model states, against hand computations: the fp32 load of a whole model
 (model.load_dtype), what ZeRO-3 keeps gathered, and the activations adapters keep in a frozen base."""
-import copy
 
 import pytest
 
-from hpcllm.config import compose, derive
+from hpcllm.config import derive
 from hpcllm.plan import estimate
 from hpcllm.plan import formulas as F
 from hpcllm.plan.estimate import memory_breakdown
@@ -15,17 +14,8 @@ LARGEST_LLAMA2_7B = 32000 * 4096  # the word embedding / output projection
 
 
 @pytest.fixture(scope="module")
-def jobs():
-    cache = {}
-
-    def get(*overrides):
-        if overrides not in cache:
-            # The formulas are checked at the batch and lengths each test names; model.recipe=demo keeps
-            # the rest fixed (micro batch x data-parallel size, no accumulation) whatever the published recipes say.
-            cache[overrides] = compose(["model.recipe=demo", *overrides])
-            derive(cache[overrides])  # fills the method's values as every job's config.yaml has them
-        return copy.deepcopy(cache[overrides])
-    return get
+def jobs(demo_batch_jobs):
+    return demo_batch_jobs
 
 
 def _breakdown(cfg):

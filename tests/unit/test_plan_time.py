@@ -4,26 +4,17 @@ Volumes are checked against the ZeRO paper's formulas computed by hand; times ag
 by hand; the estimate's behaviour on composed jobs (the bound moves from communication to compute as
 sequences grow, job hours follow the step time, the link read from hw.interconnect).
 """
-import copy
 
 import pytest
 
-from hpcllm.config import compose, derive
+from hpcllm.config import derive
 from hpcllm.plan import estimate, format_table
 from hpcllm.plan import formulas as F
 
 
 @pytest.fixture(scope="module")
-def jobs():
-    cache = {}
-
-    def get(*overrides):
-        if overrides not in cache:
-            # The formulas are checked at the batch and lengths each test names; model.recipe=demo keeps
-            # the rest fixed (micro batch x data-parallel size, no accumulation) whatever the published recipes say.
-            cache[overrides] = compose(["model.recipe=demo", *overrides])
-        return copy.deepcopy(cache[overrides])
-    return get
+def jobs(demo_batch_jobs):
+    return demo_batch_jobs
 
 
 def _estimate(cfg):
